@@ -1,0 +1,5 @@
+import sys
+
+from bdjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""PNG figures of a run: the trigger, clean vs poisoned examples, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs write files, never open windows
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _show(ax, img):
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+              vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_trigger(path: Path, pattern: np.ndarray, mask: np.ndarray) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
+    _show(axes[0], pattern)
+    axes[0].set_title("pattern")
+    _show(axes[1], mask)
+    axes[1].set_title("mask")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_examples(path: Path, clean: np.ndarray, poisoned: np.ndarray, clean_labels, poisoned_labels,
+                  class_names, n: int = 8) -> None:
+    """Two rows: clean images with their labels, the same images poisoned with their new labels."""
+    n = min(n, len(clean))
+    if n == 0:
+        return
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], clean[i])
+        axes[0, i].set_title(str(class_names[clean_labels[i]])[:10], fontsize=8)
+        _show(axes[1, i], poisoned[i])
+        axes[1, i].set_title(str(class_names[poisoned_labels[i]])[:10], fontsize=8, color="crimson")
+    axes[0, 0].set_ylabel("clean")
+    axes[1, 0].set_ylabel("poisoned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_curves(path: Path, records: list[dict]) -> None:
+    """Training loss and, where logged, clean accuracy and ASR against the step."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "clean_acc" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    for key, label in (("clean_acc", "clean accuracy"), ("asr", "attack success rate")):
+        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=label)
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_xlabel("step")
+    axes[1].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
