@@ -6,6 +6,7 @@ trained model and the poisoned data as well, so defenses can be run on the same 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -59,7 +60,8 @@ def poison(cfg: ExperimentConfig, ds: Dataset):
 
 def _check_resumable(run: RunDir, cfg: ExperimentConfig) -> None:
     previous = run.read_config()
-    if previous is not None and previous != to_dict(cfg) and run.checkpoints.exists():
+    current = json.loads(json.dumps(to_dict(cfg)))  # compare as JSON sees it (tuples become lists)
+    if previous is not None and previous != current and run.checkpoints.exists():
         raise ConfigError(f"{run.path} already holds a run with a different config; use another --out to start a "
                           "new run, or the same settings to resume it")
 

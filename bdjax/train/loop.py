@@ -24,6 +24,13 @@ def progress_enabled() -> bool:
     return os.environ.get("BDJAX_PROGRESS", "1") != "0"
 
 
+def needs_step_sync(mesh) -> bool:
+    """XLA:CPU's in-process all-reduce can deadlock when several multi-device steps are queued at once
+    (seen with jax 0.10: 'Expected 2 threads to join the rendezvous'), so on CPU each sharded step is
+    awaited before the next is dispatched; accelerators keep asynchronous dispatch."""
+    return mesh is not None and jax.devices()[0].platform == "cpu"
+
+
 def _due(epoch: int, every: int, last: int) -> bool:
     return epoch == last or (every > 0 and epoch % every == 0)
 
@@ -56,10 +63,13 @@ def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, se
     step_fn = make_train_step(model, tx, seed=seed, n_train=n, batch_size=cfg.batch_size,
                               augment_kind=cfg.augment, crop_padding=cfg.crop_padding, mesh=mesh)
     start = int(state.step)
+    sync = needs_step_sync(mesh)
     with tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress_enabled(),
               mininterval=2.0, dynamic_ncols=True) as bar:
         for step in range(start, total):
             state, metrics = step_fn(state, x_all, y_all)
+            if sync:
+                jax.block_until_ready(metrics)
             done = step + 1
             epoch, end_of_epoch = divmod(done, steps_per_epoch)[0], done % steps_per_epoch == 0
             if run is not None and (done % LOG_EVERY == 0 or end_of_epoch):

@@ -1,0 +1,116 @@
+"""The command line: demo end to end, overrides, one-line errors, kill -9 and resume with identical results."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bdjax.cli import demo_config
+from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax.errors import ConfigError
+
+ENV = {**os.environ, "BDJAX_PROGRESS": "0"}
+
+
+def bdjax(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bdjax", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_help_lists_subcommands():
+    r = bdjax("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("demo", "badnets", "fields", "data"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=0.1", "unknown config field 'train.lrr'. Did you mean 'train.lr'?"),
+    ("train.epochs=many", "train.epochs='many': expected a value of type int"),
+    ("attack.poison_rate=1.5", "attack.poison_rate must be a fraction in (0, 1], got 1.5"),
+    ("attack.target=12", "target label 12 is outside the 10 classes"),
+    ("attack.trigger_size=9", "trigger of size 9x9 is larger than the 8x8 images"),
+    ("data.dataset=/nonexistent/folder", "/nonexistent/folder"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, override, message):
+    r = bdjax("demo", "--out", str(tmp_path / "run"), override, "train.epochs=1")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bdjax: error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_override_parsing():
+    cfg = apply_overrides(ExperimentConfig(), ["attack.sources=1,2", "data.n_train=none", "attack.clean_label=true"])
+    assert cfg.attack.sources == (1, 2) and cfg.data.n_train is None and cfg.attack.clean_label is True
+    with pytest.raises(ConfigError, match="not of the form field=value"):
+        apply_overrides(cfg, ["train.lr"])
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = bdjax("demo", "--out", str(out), "train.epochs=15")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("experiment", "dataset", "seed", "clean_acc", "asr", "wall_s", "device"):
+        assert key in summary
+    assert summary["dataset"] == "digits" and 0 <= summary["clean_acc"] <= 1 and 0 <= summary["asr"] <= 1
+    assert summary["clean_acc"] > 0.9 and summary["asr"] > 0.8
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 15
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 8
+    for png in ("trigger.png", "examples.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_other_config_in_same_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert bdjax("demo", "--out", str(out), "train.epochs=1").returncode == 0
+    r = bdjax("demo", "--out", str(out), "train.epochs=2")
+    assert r.returncode == 2 and "different config" in r.stderr
+
+
+def final_params(run: Path) -> dict:
+    ckpts = run / "checkpoints"
+    last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    return ocp.StandardCheckpointer().restore((ckpts / str(last)).absolute())
+
+
+def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
+    args = ["train.epochs=40", "train.checkpoint_every=2"]
+    ref = tmp_path / "ref"
+    assert bdjax("demo", "--out", str(ref), *args).returncode == 0
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bdjax", "demo", "--out", str(run), *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # wait for the second checkpoint, then kill -9
+        done = [p for p in (run / "checkpoints").glob("*") if p.name.isdigit()] if (run / "checkpoints").exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+
+    r = bdjax("demo", "--out", str(run), *args)
+    assert r.returncode == 0, r.stderr
+    a, b = final_params(ref), final_params(run)
+    flat_a, flat_b = map(lambda t: __import__("jax").tree.leaves(t), (a, b))
+    assert len(flat_a) == len(flat_b) > 0
+    for u, v in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # records after the checkpoint were dropped, not duplicated
+    ref_summary = json.loads((ref / "summary.json").read_text())
+    run_summary = json.loads((run / "summary.json").read_text())
+    assert ref_summary["clean_acc"] == run_summary["clean_acc"] and ref_summary["asr"] == run_summary["asr"]
+
+
+def test_demo_config_is_the_documented_one():
+    cfg = demo_config()
+    assert cfg.data.dataset == "digits" and cfg.attack.poison_rate == 0.05 and cfg.attack.trigger_size == 2
