@@ -75,7 +75,7 @@ def test_other_config_in_same_folder_is_refused(tmp_path):
 def final_params(run: Path) -> dict:
     ckpts = run / "checkpoints"
     last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore((ckpts / str(last)).absolute())
+    return ocp.StandardCheckpointer().restore((ckpts / str(last) / "default").absolute())
 
 
 def test_sigkill_and_resume_gives_identical_parameters(tmp_path):

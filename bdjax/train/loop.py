@@ -15,7 +15,7 @@ from bdjax.results import RunDir
 from bdjax.train.optim import make_optimizer
 from bdjax.train.sharding import data_mesh, replicated
 from bdjax.train.state import TrainState, create_state
-from bdjax.train.step import make_train_step, stream_keys
+from bdjax.train.step import epoch_permutation, make_train_step, stream_keys
 
 LOG_EVERY = 50  # steps between loss records: device_get only then, so the host never waits on every step
 
@@ -64,10 +64,14 @@ def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, se
                               augment_kind=cfg.augment, crop_padding=cfg.crop_padding, mesh=mesh)
     start = int(state.step)
     sync = needs_step_sync(mesh)
+    perm_key = stream_keys(seed)["perm"]
+    placement = replicated(mesh) if mesh is not None else x_all.sharding
+    order = lambda epoch: jax.device_put(epoch_permutation(perm_key, epoch, n), placement)
+    perm = order(start // steps_per_epoch)
     with tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress_enabled(),
               mininterval=2.0, dynamic_ncols=True) as bar:
         for step in range(start, total):
-            state, metrics = step_fn(state, x_all, y_all)
+            state, metrics = step_fn(state, x_all, y_all, perm)
             if sync:
                 jax.block_until_ready(metrics)
             done = step + 1
@@ -77,6 +81,7 @@ def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, se
                 run.log({"step": done, "epoch": done / steps_per_epoch, "loss": float(m["loss"]), "train_acc": float(m["acc"])})
                 bar.set_postfix(loss=f"{float(m['loss']):.3f}")
             if end_of_epoch:
+                perm = order(epoch)
                 if eval_fn is not None and _due(epoch, eval_every, cfg.epochs):
                     record = eval_fn(state)
                     if run is not None:

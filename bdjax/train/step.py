@@ -1,10 +1,13 @@
 """The jitted, donated train step.
 
-Each step derives its batch from (seed, step) on device: the epoch's permutation is
-`permutation(fold_in(key, epoch))`. The whole run is therefore a pure function of the seed, so a run resumed
-from a checkpoint at step s continues exactly as the uninterrupted one would, with no loader state to save.
+Each step's batch is a function of (seed, step): the epoch's order is `epoch_permutation(key, epoch)`, computed
+on device once per epoch, and the step slices its batch out of it. The whole run is therefore a pure function
+of the seed, so a run resumed from a checkpoint at step s continues exactly as the uninterrupted one would,
+with no loader state to save.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +25,9 @@ def stream_keys(seed: int) -> dict[str, jax.Array]:
     return {"init": k_init, "perm": k_perm, "augment": k_aug, "dropout": k_drop}
 
 
-def batch_indices(perm_key: jax.Array, step, n: int, batch_size: int, steps_per_epoch: int) -> jax.Array:
-    epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), n)
-    return lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
+@functools.partial(jax.jit, static_argnums=2)
+def epoch_permutation(perm_key: jax.Array, epoch, n: int) -> jax.Array:
+    return jax.random.permutation(jax.random.fold_in(perm_key, epoch), n)
 
 
 def to_float(x_uint8: jax.Array) -> jax.Array:
@@ -34,12 +36,13 @@ def to_float(x_uint8: jax.Array) -> jax.Array:
 
 def make_train_step(model, tx: optax.GradientTransformation, *, seed: int, n_train: int, batch_size: int,
                     augment_kind: str = "none", crop_padding: int = 4, mesh=None):
-    """Returns step(state, x_all, y_all) -> (state, metrics); x_all is the uint8 training set on device."""
+    """Returns step(state, x_all, y_all, perm) -> (state, metrics); x_all is the uint8 training set on device and
+    perm the current epoch's `epoch_permutation`."""
     keys = stream_keys(seed)
     steps_per_epoch = n_train // batch_size
 
-    def train_step(state: TrainState, x_all: jax.Array, y_all: jax.Array):
-        idx = batch_indices(keys["perm"], state.step, n_train, batch_size, steps_per_epoch)
+    def train_step(state: TrainState, x_all: jax.Array, y_all: jax.Array, perm: jax.Array):
+        idx = lax.dynamic_slice(perm, ((state.step % steps_per_epoch) * batch_size,), (batch_size,))
         xb, yb = x_all[idx], y_all[idx]
         if mesh is not None:  # split the batch over devices; XLA inserts the gradient all-reduce
             xb = lax.with_sharding_constraint(xb, batch_sharded(mesh))
