@@ -19,6 +19,7 @@ from bdjax.errors import ConfigError
 class DataConfig:
     dataset: str = "digits"  # digits | a name under the data root (mnist, cifar10, gtsrb) | a path | a TFDS name
     data_root: str | None = None  # default: $BDJAX_DATA_ROOT, else ../shared/datasets
+    tfds_dir: str | None = None  # where TFDS downloads datasets not found locally (default ~/tensorflow_datasets)
     n_train: int | None = None  # random subset sizes (None = all)
     n_test: int | None = None
 

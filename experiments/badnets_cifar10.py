@@ -21,7 +21,7 @@ def get_config(scale: str) -> ExperimentConfig:
         "attack.poison_rate=0.05",
     ])
     if scale == "small":
-        return apply_overrides(cfg, ["train.model=cifar_cnn", "train.epochs=6", "train.lr=0.05",
+        return apply_overrides(cfg, ["train.model=cifar_cnn", "train.epochs=10", "train.lr=0.05",
                                      "train.weight_decay=5e-4", "train.schedule=cosine"])
     return apply_overrides(cfg, ["train.model=resnet18", "train.epochs=100", "train.lr=0.1", "train.weight_decay=2e-4",
                                  "train.schedule=step", "train.lr_milestones=50,75", "train.lr_gamma=0.1"])
