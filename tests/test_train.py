@@ -89,3 +89,12 @@ def test_batch_larger_than_data_is_an_error(digits):
 def test_per_class_accuracy():
     acc = per_class_accuracy(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 4)
     assert acc[:3] == [1.0, 1.0, 0.5] and np.isnan(acc[3])
+
+
+def test_evaluate_accepts_variables_on_one_device(digits):
+    model = get_model("mnist_cnn", 10)
+    state = fit(model, small_cfg(epochs=1), digits.x_train, digits.y_train, seed=0)
+    on_one = jax.device_put(state.variables, jax.devices()[0])
+    a = evaluate(model, on_one, digits.x_test, digits.y_test, 10)["clean_acc"]
+    b = evaluate(model, state.variables, digits.x_test, digits.y_test, 10)["clean_acc"]
+    assert a == b

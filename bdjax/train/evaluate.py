@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax.train.sharding import batch_sharded, data_mesh
+from bdjax.train.sharding import batch_sharded, data_mesh, replicated
 from bdjax.train.step import to_float
 
 
@@ -26,6 +26,8 @@ def predict(model, variables, x: np.ndarray, batch_size: int = 1000) -> np.ndarr
         return np.zeros((0,), np.int32)
     batch_size = min(batch_size, len(x))
     mesh = data_mesh(batch_size)
+    if mesh.size > 1:  # variables may live on one device (e.g. after a defense); put them on the eval mesh
+        variables = jax.device_put(variables, replicated(mesh))
     fn = _predict_fn(model, mesh if mesh.size > 1 else None)
     out = []
     for i in range(0, len(x), batch_size):
