@@ -82,12 +82,15 @@ def run(cfg: ExperimentConfig, out) -> BadNetsResult:
                             poisoned.y[idx], ds.class_names)
 
     model = get_model(cfg.train.model, ds.num_classes)
-    n_eval = min(EPOCH_EVAL_SIZE, len(ds.x_test))
-    n_asr = min(EPOCH_EVAL_SIZE, len(x_asr)) if x_asr is not None else 0
+    # Per-epoch curves use a seeded random test subset: folder datasets are sorted by class, so the first
+    # images would cover only one or two classes.
+    rng = np.random.default_rng(cfg.seed)
+    i_eval = rng.permutation(len(ds.x_test))[:EPOCH_EVAL_SIZE]
+    i_asr = rng.permutation(len(x_asr))[:EPOCH_EVAL_SIZE] if x_asr is not None else None
 
     def epoch_eval(state):
-        r = evaluate(model, state.variables, ds.x_test[:n_eval], ds.y_test[:n_eval], ds.num_classes,
-                     x_asr[:n_asr] if x_asr is not None else None, y_asr[:n_asr] if y_asr is not None else None,
+        r = evaluate(model, state.variables, ds.x_test[i_eval], ds.y_test[i_eval], ds.num_classes,
+                     x_asr[i_asr] if x_asr is not None else None, y_asr[i_asr] if y_asr is not None else None,
                      cfg.train.eval_batch_size)
         return {k: v for k, v in r.items() if k != "per_class_acc"}
 
