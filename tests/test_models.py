@@ -73,7 +73,7 @@ def _images(shape, batch=2, seed=1):
 
 
 def _trees_equal(a, b):
-    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: bool(jnp.array_equal(u, v)), a, b)))
+    return all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b)))
 
 
 def test_registry():
@@ -132,8 +132,8 @@ def test_forward_features_and_batchnorm(name, kwargs, input_shape, pen_dim, name
         assert _trees_equal(eval_upd["batch_stats"], variables["batch_stats"])
         train_logits, train_upd = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
         assert train_logits.shape == (2, 10)
-        old = jax.tree_util.tree_leaves(variables["batch_stats"])
-        new = jax.tree_util.tree_leaves(train_upd["batch_stats"])
+        old = jax.tree.leaves(variables["batch_stats"])
+        new = jax.tree.leaves(train_upd["batch_stats"])
         assert len(old) == len(new) > 0
         assert all(not bool(jnp.array_equal(a, b)) for a, b in zip(old, new))
 
@@ -241,8 +241,8 @@ def test_alexnet_224_matches_torchvision_layout():
     assert shapes["fc6"] == shapes["fc7"] == shapes["penultimate"] == (4096,)
     assert shapes["logits"] == (10,)
     # Same parameter shapes at 32x32 thanks to the adaptive pool.
-    small = jax.tree_util.tree_map(lambda s: s.shape, _abstract_params(get_model("alexnet", 10), (32, 32, 3)))
-    big = jax.tree_util.tree_map(lambda s: s.shape, _abstract_params(get_model("alexnet", 10), (224, 224, 3)))
+    small = jax.tree.map(lambda s: s.shape, _abstract_params(get_model("alexnet", 10), (32, 32, 3)))
+    big = jax.tree.map(lambda s: s.shape, _abstract_params(get_model("alexnet", 10), (224, 224, 3)))
     assert small == big
 
 
@@ -262,7 +262,7 @@ def test_init_model_jit_and_dtype():
     v2 = init_model(model, 0, (8, 8, 1))  # int seed == jax.random.key(seed); compiled once
     assert _trees_equal(v1, v2)
     assert not _trees_equal(v1, init_model(model, 1, (8, 8, 1)))
-    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(v1))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v1))
     apply = jax.jit(model.apply, static_argnames=("train", "features"))
     logits, feats = apply(v1, _images((8, 8, 1)), features=True)
     assert logits.dtype == jnp.float32 and feats["penultimate"].shape == (2, 8)

@@ -163,4 +163,4 @@ def count_params(tree: Any) -> int:
 
     Works on real arrays and on ``jax.ShapeDtypeStruct`` trees from ``jax.eval_shape``.
     """
-    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
