@@ -10,21 +10,12 @@ about 1-2 points of clean accuracy against published numbers.
 import sys
 
 from bdjax.cli import experiment_main
-from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax.config import ExperimentConfig
+from bdjax import recipes
 
 
 def get_config(scale: str) -> ExperimentConfig:
-    cfg = apply_overrides(ExperimentConfig(experiment="badnets_cifar10"), [
-        "data.dataset=cifar10", "train.batch_size=128", "train.optimizer=sgd", "train.momentum=0.9",
-        "train.augment=crop_flip", "attack.trigger=patch", "attack.trigger_size=3",
-        "attack.placement=bottom_right", "attack.label_map=all_to_one", "attack.target=0",
-        "attack.poison_rate=0.05",
-    ])
-    if scale == "small":
-        return apply_overrides(cfg, ["train.model=cifar_cnn", "train.epochs=10", "train.lr=0.05",
-                                     "train.weight_decay=5e-4", "train.schedule=cosine"])
-    return apply_overrides(cfg, ["train.model=resnet18", "train.epochs=100", "train.lr=0.1", "train.weight_decay=2e-4",
-                                 "train.schedule=step", "train.lr_milestones=50,75", "train.lr_gamma=0.1"])
+    return recipes.badnets_cifar10(scale)
 
 
 if __name__ == "__main__":

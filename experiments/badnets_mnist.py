@@ -8,17 +8,12 @@ MNIST comes from the data root (default ../shared/datasets, or $BDJAX_DATA_ROOT)
 import sys
 
 from bdjax.cli import experiment_main
-from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax.config import ExperimentConfig
+from bdjax import recipes
 
 
 def get_config(scale: str) -> ExperimentConfig:
-    cfg = apply_overrides(ExperimentConfig(experiment="badnets_mnist"), [
-        "data.dataset=mnist", "train.model=mnist_cnn", "train.batch_size=128", "train.optimizer=sgd",
-        "train.lr=0.05", "train.momentum=0.9", "train.weight_decay=5e-4", "train.schedule=cosine",
-        "attack.trigger=patch", "attack.trigger_size=3", "attack.placement=bottom_right",
-        "attack.label_map=all_to_one", "attack.target=0", "attack.poison_rate=0.01",
-    ])
-    return apply_overrides(cfg, ["train.epochs=4" if scale == "small" else "train.epochs=20"])
+    return recipes.badnets_mnist(scale)
 
 
 if __name__ == "__main__":

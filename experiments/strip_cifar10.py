@@ -28,6 +28,7 @@ import numpy as np
 
 from bdjax.cli import experiment_main
 from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax import recipes
 
 STRIP_OPTIONS = argparse.ArgumentParser(add_help=False)
 STRIP_OPTIONS.add_argument("--n-overlay", type=int, default=100, help="overlays per input (N)")
@@ -38,17 +39,9 @@ STRIP_OPTIONS.add_argument("--rule", default="normal", help="normal | empirical"
 
 
 def get_config(scale: str) -> ExperimentConfig:
-    cfg = apply_overrides(ExperimentConfig(experiment="strip_cifar10"), [
-        "data.dataset=cifar10", "train.batch_size=128", "train.optimizer=sgd", "train.momentum=0.9",
-        "train.augment=crop_flip", "attack.trigger=patch", "attack.trigger_size=3",
-        "attack.placement=bottom_right", "attack.label_map=all_to_one", "attack.target=0",
-        "attack.poison_rate=0.1",
-    ])
-    if scale == "small":
-        return apply_overrides(cfg, ["train.model=cifar_cnn", "train.epochs=6", "train.lr=0.05",
-                                     "train.weight_decay=5e-4", "train.schedule=cosine"])
-    return apply_overrides(cfg, ["train.model=resnet18", "train.epochs=100", "train.lr=0.1", "train.weight_decay=2e-4",
-                                 "train.schedule=step", "train.lr_milestones=50,75", "train.lr_gamma=0.1"])
+    """The BadNets CIFAR-10 recipe at 10% poisoning (6 epochs at small scale)."""
+    overrides = ["experiment=strip_cifar10", "attack.poison_rate=0.1"]
+    return apply_overrides(recipes.badnets_cifar10(scale), overrides + (["train.epochs=6"] if scale == "small" else []))
 
 
 def split_test(n: int, n_inputs: int, seed: int):
