@@ -266,3 +266,15 @@ def test_init_model_jit_and_dtype():
     apply = jax.jit(model.apply, static_argnames=("train", "features"))
     logits, feats = apply(v1, _images((8, 8, 1)), features=True)
     assert logits.dtype == jnp.float32 and feats["penultimate"].shape == (2, 8)
+
+
+def test_reshape_max_pool_matches_flax_max_pool_and_its_gradient():
+    import flax.linen as nn
+
+    from bdjax.models.common import max_pool
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))  # odd height: the last row is dropped (VALID)
+    np.testing.assert_array_equal(max_pool(x, 2), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    g_ours = jax.grad(lambda x: jnp.sum(max_pool(x, 2) ** 2))(x)
+    g_flax = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2))(x)
+    np.testing.assert_allclose(g_ours, g_flax, rtol=1e-6)  # no ties in random normals

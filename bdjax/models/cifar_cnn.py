@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bdjax.models.common import batch_norm, flatten, model_output, torch_conv, torch_dense
+from bdjax.models.common import batch_norm, flatten, max_pool, model_output, torch_conv, torch_dense
 
 
 class CifarCNN(nn.Module):
@@ -32,7 +32,7 @@ class CifarCNN(nn.Module):
                 x = torch_conv(x, width, 3, padding=1, dtype=self.dtype, name=f"conv{i}")
                 x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x))
                 feats[f"conv{i}"] = x
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x, 2)
         x = flatten(jnp.mean(x, axis=(1, 2)))
         feats["penultimate"] = x
         logits = torch_dense(x, self.num_classes, dtype=self.dtype, name="fc")

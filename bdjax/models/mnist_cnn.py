@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bdjax.errors import ConfigError
-from bdjax.models.common import flatten, model_output, normalize, torch_conv, torch_dense
+from bdjax.models.common import flatten, max_pool, model_output, normalize, torch_conv, torch_dense
 
 
 class MnistCNN(nn.Module):
@@ -38,7 +38,7 @@ class MnistCNN(nn.Module):
         x = nn.relu(torch_conv(x, 2 * self.width, 3, dtype=self.dtype, name="conv2"))
         feats["conv2"] = x
         if min(x.shape[1], x.shape[2]) >= 4:
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x, 2)
         x = nn.relu(torch_dense(flatten(x), self.hidden, dtype=self.dtype, name="fc1"))
         feats["penultimate"] = x
         logits = torch_dense(x, self.num_classes, dtype=self.dtype, name="fc2")

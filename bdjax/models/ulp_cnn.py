@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bdjax.models.common import batch_norm, flatten, model_output, normalize, torch_conv, torch_dense
+from bdjax.models.common import batch_norm, flatten, max_pool, model_output, normalize, torch_conv, torch_dense
 
 
 class UlpCNN(nn.Module):
@@ -37,7 +37,7 @@ class UlpCNN(nn.Module):
             x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x))
             feats[f"conv{i}"] = x
             if i % 2 == 0:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, 2)
         x = flatten(x)
         for j, width in ((1, self.fc_width), (2, self.fc_width // 2)):
             x = torch_dense(x, width, dtype=self.dtype, name=f"fc{j}")
