@@ -34,6 +34,7 @@ def test_help_lists_subcommands():
     ("attack.target=12", "target label 12 is outside the 10 classes"),
     ("attack.trigger_size=9", "trigger of size 9x9 is larger than the 8x8 images"),
     ("data.dataset=/nonexistent/folder", "/nonexistent/folder"),
+    ("attack.kind=none", "the demo's defenses need a backdoored model"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, override, message):
     r = bdjax("demo", "--out", str(tmp_path / "run"), override, "train.epochs=1")
@@ -54,6 +55,7 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = bdjax("demo", "--out", str(out), "train.epochs=15")
     assert r.returncode == 0, r.stderr
+    assert "neural_cleanse" in r.stdout  # the defenses' headline is printed
     summary = json.loads((out / "summary.json").read_text())
     for key in ("experiment", "dataset", "seed", "clean_acc", "asr", "wall_s", "device"):
         assert key in summary
@@ -61,14 +63,23 @@ def test_demo_end_to_end(tmp_path):
     assert summary["clean_acc"] > 0.9 and summary["asr"] > 0.8
     assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 15
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 8
-    for png in ("trigger.png", "examples.png", "curves.png"):
+    for png in ("trigger.png", "examples.png", "curves.png", "strip_entropy.png", "nc_triggers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    d = summary["defenses"]
+    for name in ("spectral_signatures", "activation_clustering"):
+        assert {"tpr", "fpr", "auc", "poison_removed", "poison_left", "clean_removed"} <= set(d[name])
+        assert d[name]["poison_removed"] + d[name]["poison_left"] == summary["n_poison"]
+    assert {"frr", "far", "auc", "threshold"} <= set(d["strip"])
+    assert len(d["neural_cleanse"]["norms"]) == len(d["neural_cleanse"]["anomaly_index"]) == 10
+    # A 15-epoch model is backdoored (asr > 0.8 above): the defenses must see it.
+    assert d["activation_clustering"]["tpr"] > 0.5 and d["strip"]["auc"] > 0.8
+    assert d["neural_cleanse"]["flagged_labels"] == [0]
 
 
 def test_other_config_in_same_folder_is_refused(tmp_path):
     out = tmp_path / "run"
-    assert bdjax("demo", "--out", str(out), "train.epochs=1").returncode == 0
-    r = bdjax("demo", "--out", str(out), "train.epochs=2")
+    assert bdjax("demo", "--out", str(out), "--no-defenses", "train.epochs=1").returncode == 0
+    r = bdjax("demo", "--out", str(out), "--no-defenses", "train.epochs=2")
     assert r.returncode == 2 and "different config" in r.stderr
 
 
@@ -79,7 +90,7 @@ def final_params(run: Path) -> dict:
 
 
 def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
-    args = ["train.epochs=40", "train.checkpoint_every=2"]
+    args = ["--no-defenses", "train.epochs=40", "train.checkpoint_every=2"]
     ref = tmp_path / "ref"
     assert bdjax("demo", "--out", str(ref), *args).returncode == 0
 
@@ -113,4 +124,4 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
 
 def test_demo_config_is_the_documented_one():
     cfg = demo_config()
-    assert cfg.data.dataset == "digits" and cfg.attack.poison_rate == 0.05 and cfg.attack.trigger_size == 2
+    assert cfg.data.dataset == "digits" and cfg.attack.poison_rate == 0.03 and cfg.attack.trigger_size == 3

@@ -233,3 +233,12 @@ def test_bad_input_is_a_config_error(badnets_digits):
         NC.neural_cleanse(model, v, ds.x_test[:20], 10, config=NC.NCConfig(batch_size=64))
     with pytest.raises(ConfigError, match="patience"):
         NC.neural_cleanse(model, v, ds.x_test, 10, config=NC.NCConfig(patience=0))
+
+
+def test_an_odd_label_count_is_padded_over_the_devices_and_matches(badnets_digits, nc_result):
+    # 3 labels on 2 devices: one padding label is added, run, and dropped.
+    ds, model, v, *_ = badnets_digits
+    r = NC.neural_cleanse(model, v, ds.x_test, 10, labels=[0, 3, 5], config=CFG)
+    assert r.labels.tolist() == [0, 3, 5] and r.masks.shape == (3, 8, 8) and len(r.norms) == 3
+    np.testing.assert_array_equal(r.n_checks, nc_result.n_checks[[0, 3, 5]])
+    np.testing.assert_allclose(r.norms, nc_result.norms[[0, 3, 5]], rtol=1e-3)

@@ -34,7 +34,9 @@ into one forward/backward pass), and a jitted call advances up to `checks_per_ca
 that has early-stopped is frozen (its parameters, Adam state and counters no longer change) while the
 others continue, so running labels together or one at a time (`mode="sequential"`: the same code with
 one label) gives the same result. All labels share the same clean batch at each step; the batch of step t
-is a function of (seed, t) and the initial trigger of label l of (seed, l). One device, plain jit.
+is a function of (seed, t) and the initial trigger of label l of (seed, l). With several devices (bdjax
+exposes every CPU core as one) the label axis is sharded over them, so each core optimises its share of the
+labels; one label runs on one device.
 """
 from __future__ import annotations
 
@@ -48,9 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bdjax.defenses.metrics import flag_small_outliers, mad_anomaly_index
 from bdjax.errors import ConfigError
+from bdjax.train.sharding import axis_mesh
 
 MODES = ("batched", "sequential")
 
@@ -284,12 +288,18 @@ def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig
     if len(x_clean) < cfg.batch_size:
         raise ConfigError(f"neural cleanse batch_size={cfg.batch_size} is larger than the {len(x_clean)} clean images")
     labels = np.asarray(labels, np.int32).reshape(-1)
-    dev = jax.devices()[0]  # one device: plain jit on unsharded arrays
+    n_labels = len(labels)
     # fields the compiled code does not read are normalised, so changing them does not recompile
     key_cfg = dataclasses.replace(cfg, max_checks=1, checks_per_call=1, anomaly_threshold=2.0)
     init, advance = _compiled(model, key_cfg, tuple(int(d) for d in x_clean.shape[1:]), len(x_clean))
-    variables = jax.device_put(variables, dev)
-    x_dev, labels_dev = jax.device_put(x_clean, dev), jax.device_put(labels, dev)
+    mesh = axis_mesh("labels") if n_labels > 1 and len(jax.devices()) > 1 else None
+    if mesh is None:  # one label (or one device): plain jit on unsharded arrays
+        dev = jax.devices()[0]
+        variables, x_dev, labels_dev = jax.device_put((variables, x_clean, labels), dev)
+    else:  # labels split over the devices (padded with copies of the last label); model and images replicated
+        labels = np.r_[labels, np.full(-n_labels % mesh.size, labels[-1], np.int32)]
+        variables, x_dev = jax.device_put((variables, x_clean), NamedSharding(mesh, P()))
+        labels_dev = jax.device_put(labels, NamedSharding(mesh, P("labels")))
     state = init(labels_dev)
     done_checks = 0
     bar = None
@@ -312,14 +322,15 @@ def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig
             break
     if bar is not None:
         bar.close()
-    sched = jax.device_get(state.sched)
+    state = jax.tree.map(lambda a: np.asarray(a)[:n_labels] if np.ndim(a) else np.asarray(a),
+                         jax.device_get(state._replace(params=decode(state.params))))  # drop the padding labels
+    sched, (last_mask, last_pattern) = state.sched, state.params
     reached = np.isfinite(sched.reg_best)
-    last_mask, last_pattern = (np.asarray(a) for a in decode(state.params))
     sel = reached[:, None, None, None]
     masks = np.where(sel, np.asarray(state.best_mask), last_mask)[..., 0]
     patterns = np.where(sel, np.asarray(state.best_pattern), last_pattern)
     return {
-        "labels": labels, "masks": masks, "patterns": patterns, "norms": np.abs(masks).sum(axis=(1, 2)),
+        "labels": labels[:n_labels], "masks": masks, "patterns": patterns, "norms": np.abs(masks).sum(axis=(1, 2)),
         "reached": reached, "reg_best": np.asarray(sched.reg_best), "cost": np.asarray(sched.cost),
         "n_checks": np.asarray(sched.n_checks), "early_stopped": np.asarray(sched.done),
         "steps": int(state.step),
