@@ -1,0 +1,320 @@
+"""Universal Litmus Patterns (Kolouri, Saha, Pirsiavash, Hoffmann, CVPR 2020; UMBCvision/Universal-Litmus-Patterns).
+
+Learn M input patterns z_1..z_M and a linear classifier h such that h(g(f(z_1), ..., f(z_M))) tells a poisoned
+model f from a clean one, over a zoo of labelled models:
+
+    argmin_{z, h}  sum_n CE(h(g({f_n(z_m)}_m)), c_n) + lambda * sum_m TV(z_m)
+
+g concatenates the M logit vectors ("concat", the CIFAR-10 / MNIST / GTSRB code) or averages them ("avg", the
+Tiny-ImageNet variant). As the reference: patterns start uniform over the input range and follow plain SGD
+with a very large learning rate, h follows Adam (1e-3); patterns are clipped to the input range after each step;
+the epoch with the best validation accuracy is kept.
+
+Units: bdjax models take inputs in [0, 1], the reference feeds 0..255. SGD on z/255 with lr' = lr / 255**2 is the
+same trajectory as SGD on z with lr, so `pattern_lr` defaults to 1e3 / 255**2. TV is the anisotropic L1 total
+variation; TV(z) = 255 TV(z/255), so `tv_weight` defaults to 1e-6 * 255.
+
+All models of a batch go through one compiled step (bdjax.zoo.population.over_models: vmap on accelerators,
+a sequential map on CPU), with the model axis sharded over the devices and the gradients summed across them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from bdjax.defenses.metrics import roc_auc, roc_points
+from bdjax.errors import ConfigError
+from bdjax.zoo import population as pop
+
+POOLINGS = ("concat", "avg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ULPConfig:
+    n_patterns: int = 10  # M
+    pooling: str = "concat"  # concat | avg
+    epochs: int = 1000
+    batch_models: int = 50  # models per step
+    pattern_lr: float = 1e3 / 255**2
+    classifier_lr: float = 1e-3
+    tv_weight: float = 1e-6 * 255
+    mode: str = "auto"  # auto | vmap | map
+    seed: int = 0
+
+    def validate(self) -> "ULPConfig":
+        checks = [(self.n_patterns >= 1, "n_patterns", ">= 1"), (self.pooling in POOLINGS, "pooling", "concat or avg"),
+                  (self.epochs >= 1, "epochs", ">= 1"), (self.batch_models >= 1, "batch_models", ">= 1"),
+                  (self.pattern_lr > 0, "pattern_lr", "> 0"), (self.classifier_lr > 0, "classifier_lr", "> 0"),
+                  (self.tv_weight >= 0, "tv_weight", ">= 0"), (self.mode in ("auto",) + pop.MODES, "mode", "auto, vmap or map")]
+        for ok, field, expected in checks:
+            if not ok:
+                raise ConfigError(f"ulp {field} must be {expected}, got {getattr(self, field)!r}")
+        return self
+
+
+def total_variation(z: jax.Array) -> jax.Array:
+    """Anisotropic L1 total variation of (M, H, W, C) patterns, summed."""
+    return jnp.abs(jnp.diff(z, axis=1)).sum() + jnp.abs(jnp.diff(z, axis=2)).sum()
+
+
+def pool_logits(logits: jax.Array, pooling: str) -> jax.Array:
+    """(models, M, K) -> (models, M*K) for concat, (models, K) for avg."""
+    return logits.reshape(logits.shape[0], -1) if pooling == "concat" else logits.mean(axis=1)
+
+
+@dataclasses.dataclass
+class ULPResult:
+    patterns: np.ndarray  # (M, H, W, C) in [0, 1]
+    classifier: dict  # {"kernel": (D, 2), "bias": (2,)}
+    best_epoch: int
+    val_acc: float
+    history: list  # per epoch: train loss, train acc, val acc
+    config: ULPConfig
+    wall_s: float
+
+    def summary(self) -> dict:
+        return {"M": self.config.n_patterns, "pooling": self.config.pooling, "best_epoch": self.best_epoch,
+                "val_acc": self.val_acc, "epochs": self.config.epochs, "ulp_wall_s": self.wall_s}
+
+
+def _check_zoo(name, variables, labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(variables)}
+    if sizes != {len(labels)}:
+        raise ConfigError(f"ulp {name} zoo: {len(labels)} labels for models stacked {sorted(sizes)}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ConfigError(f"ulp {name} zoo labels must be 0 (clean) or 1 (poisoned)")
+    return labels.astype(np.int32)
+
+
+def _mesh_for(batch: int):
+    mesh = pop.model_mesh(batch)
+    return mesh
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model, cfg: ULPConfig, mesh):
+    mode = pop.check_mode(cfg.mode)
+    apply_one = lambda v, z: model.apply(v, z, train=False)
+    logits_of = pop.over_models(apply_one, mode, 1)
+    tx_z = optax.sgd(cfg.pattern_lr)
+    tx_h = optax.adam(cfg.classifier_lr)
+
+    def features(variables, z):
+        return pool_logits(logits_of(variables, z), cfg.pooling)
+
+    def local_loss(theta, variables, y, valid):
+        z, h = theta
+        f = features(variables, z)
+        out = f @ h["kernel"] + h["bias"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(out, y)
+        correct = (jnp.argmax(out, -1) == y) & valid
+        return jnp.sum(jnp.where(valid, ce, 0.0)), correct.sum()
+
+    def local_grads(theta, variables, y, valid):
+        (ce_sum, correct), grads = jax.value_and_grad(local_loss, has_aux=True)(theta, variables, y, valid)
+        if mesh is not None:  # each device holds a slice of the model batch
+            ce_sum, correct, grads = jax.lax.psum((ce_sum, correct, grads), pop.AXIS)
+        return ce_sum, correct, grads
+
+    if mesh is not None:
+        local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(pop.AXIS), P(pop.AXIS), P(pop.AXIS)),
+                                    out_specs=(P(), P(), P()))
+
+    def step(theta, opt, variables, y, valid):
+        ce_sum, correct, grads = local_grads(theta, variables, y, valid)
+        n = jnp.maximum(valid.sum(), 1)
+        z, h = theta
+        g_tv = jax.grad(total_variation)(z)
+        g_z = grads[0] / n + cfg.tv_weight * g_tv
+        g_h = jax.tree.map(lambda g: g / n, grads[1])
+        uz, oz = tx_z.update(g_z, opt[0], z)
+        uh, oh = tx_h.update(g_h, opt[1], h)
+        z = jnp.clip(optax.apply_updates(z, uz), 0.0, 1.0)
+        return (z, optax.apply_updates(h, uh)), (oz, oh), ce_sum / n, correct
+
+    def scores(theta, variables):
+        z, h = theta
+        out = features(variables, z) @ h["kernel"] + h["bias"]
+        return jax.nn.softmax(out, -1)[:, 1]
+
+    if mesh is not None:
+        scores = jax.shard_map(scores, mesh=mesh, in_specs=(P(), P(pop.AXIS)), out_specs=P(pop.AXIS))
+    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(scores), tx_z, tx_h
+
+
+def _batches(n: int, batch: int, rng=None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, n, batch):
+        idx = order[i:i + batch]
+        yield idx, batch - len(idx)
+
+
+def _take(variables, idx, pad):
+    """Stacked models idx (padded by repeating the first) as a batch of fixed size."""
+    sel = np.r_[idx, np.full(pad, idx[0])] if pad else idx
+    return jax.tree.map(lambda a: a[sel], variables)
+
+
+def ulp_scores(model, result: "ULPResult", variables, *, batch_models: int | None = None) -> np.ndarray:
+    """P(poisoned) for every model of a stacked zoo."""
+    cfg = result.config
+    B = batch_models or cfg.batch_models
+    mesh = _mesh_for(B)
+    _, scores, _, _ = _compiled(model, cfg, mesh)
+    theta = (jnp.asarray(result.patterns), jax.tree.map(jnp.asarray, result.classifier))
+    n = jax.tree.leaves(variables)[0].shape[0]
+    out = []
+    for idx, pad in _batches(n, B):
+        v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
+        out.append(np.asarray(scores(theta, v))[:len(idx)])
+    return np.concatenate(out)
+
+
+def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape, num_classes: int,
+              cfg: ULPConfig = ULPConfig(), *, progress: bool = False) -> ULPResult:
+    """Meta-train litmus patterns and the classifier on a train zoo; keep the best epoch on the val zoo."""
+    cfg.validate()
+    y_tr = _check_zoo("train", train_vars, train_labels)
+    y_val = _check_zoo("val", val_vars, val_labels)
+    B = min(cfg.batch_models, len(y_tr))
+    cfg = dataclasses.replace(cfg, batch_models=B)
+    mesh = _mesh_for(B)
+    step, scores, tx_z, tx_h = _compiled(model, cfg, mesh)
+    key_z, key_h = jax.random.split(jax.random.key(cfg.seed))
+    z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape))
+    d = cfg.n_patterns * num_classes if cfg.pooling == "concat" else num_classes
+    # PyTorch nn.Linear's default init, as the reference's classifier
+    lim = 1.0 / np.sqrt(d)
+    kh, kb = jax.random.split(key_h)
+    h = {"kernel": jax.random.uniform(kh, (d, 2), minval=-lim, maxval=lim),
+         "bias": jax.random.uniform(kb, (2,), minval=-lim, maxval=lim)}
+    theta, opt = (z, h), (tx_z.init(z), tx_h.init(h))
+    rng = np.random.default_rng(cfg.seed)
+    best = (-1.0, 0, jax.device_get(theta))
+    history = []
+    t0 = time.time()
+    bar = None
+    if progress:
+        from bdjax.train.loop import progress_enabled
+
+        if progress_enabled():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.epochs, desc=f"ULP M={cfg.n_patterns}", unit="epoch", mininterval=2.0)
+    for epoch in range(cfg.epochs):
+        losses, correct = [], 0
+        for idx, pad in _batches(len(y_tr), B, rng):
+            v = pop.place(_take(train_vars, idx, pad), mesh, per_model=True)
+            y = np.r_[y_tr[idx], np.zeros(pad, np.int32)]
+            valid = np.r_[np.ones(len(idx), bool), np.zeros(pad, bool)]
+            theta, opt, loss, c = step(theta, opt, v, *pop.place((y, valid), mesh, per_model=True))
+            losses.append(float(loss))
+            correct += int(c)
+        p_val = _predict(scores, theta, val_vars, B, mesh)
+        val_acc = float(np.mean((p_val > 0.5) == y_val))
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": correct / len(y_tr),
+                        "val_acc": val_acc})
+        if val_acc > best[0]:
+            best = (val_acc, epoch + 1, jax.device_get(theta))
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    z_best, h_best = best[2]
+    return ULPResult(np.asarray(z_best), jax.tree.map(np.asarray, h_best), best[1], best[0], history, cfg,
+                     time.time() - t0)
+
+
+def _predict(scores, theta, variables, B, mesh) -> np.ndarray:
+    n = jax.tree.leaves(variables)[0].shape[0]
+    out = []
+    for idx, pad in _batches(n, B):
+        v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
+        out.append(np.asarray(scores(theta, v))[:len(idx)])
+    return np.concatenate(out)
+
+
+def evaluate_ulp(model, result: ULPResult, test_vars, test_labels) -> dict:
+    """ROC AUC (and accuracy at 0.5) of the ULP detector on a test zoo."""
+    y = _check_zoo("test", test_vars, test_labels)
+    s = ulp_scores(model, result, test_vars)
+    return {"auc": roc_auc(s, y.astype(bool)), "acc": float(np.mean((s > 0.5) == y)), "scores": s}
+
+
+def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, image_shape, *, n_patterns: int,
+                   seed: int = 0, mode: str = "auto", batch_models: int = 50) -> dict:
+    """The reference's baseline: M uniform-noise images through every model, logistic regression (C=10) on the
+    concatenated logits; AUC on the test zoo."""
+    from sklearn.linear_model import LogisticRegression
+
+    y_tr = _check_zoo("train", train_vars, train_labels)
+    y_te = _check_zoo("test", test_vars, test_labels)
+    z = jax.random.uniform(jax.random.key(seed), (n_patterns, *image_shape))
+    mesh = _mesh_for(batch_models)
+    logits_of = pop.over_models(lambda v, z: model.apply(v, z, train=False), pop.check_mode(mode), 1)
+    fn = logits_of if mesh is None else jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()),
+                                                      out_specs=P(pop.AXIS))
+    fn = jax.jit(fn)
+
+    def feats(variables):
+        n = jax.tree.leaves(variables)[0].shape[0]
+        out = []
+        for idx, pad in _batches(n, batch_models):
+            v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
+            out.append(np.asarray(fn(v, z)).reshape(batch_models, -1)[:len(idx)])
+        return np.concatenate(out)
+
+    clf = LogisticRegression(C=10.0, max_iter=5000).fit(feats(train_vars), y_tr)
+    s = clf.predict_proba(feats(test_vars))[:, 1]
+    return {"auc": roc_auc(s, y_te.astype(bool)), "acc": float(np.mean((s > 0.5) == y_te)), "scores": s}
+
+
+def save_patterns(path, result: ULPResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = result.patterns
+    m = len(z)
+    fig, axes = plt.subplots(1, m, figsize=(1.6 * m, 1.9), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        img = z[i]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=1)
+        ax.set_title(f"z{i + 1}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"ULP patterns (M={m}, {result.config.pooling}, best epoch {result.best_epoch})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_roc(path, curves: dict) -> None:
+    """curves: {label: (scores, is_poisoned)} drawn on one ROC plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    for label, (scores, y) in curves.items():
+        fpr, tpr = roc_points(scores, np.asarray(y, bool))
+        auc = roc_auc(scores, np.asarray(y, bool))
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""A zoo on disk: `manifest.json` (one record per model, the chunk table, the config) and one orbax checkpoint
+per chunk of models (parameters and batch statistics stacked along a leading model axis).
+
+    zoo/manifest.json
+    zoo/chunks/00000/model/...       complete chunk: stacked variables (orbax, no pickle)
+    zoo/chunks/00001/train/<step>/   chunk being trained: population checkpoints (resume after a kill)
+
+A chunk counts as complete only once its variables are written AND the manifest says so (the manifest is
+replaced atomically after orbax has finished), so a zoo killed mid-save resumes from the last complete chunk
+(and the unfinished chunk from its last training checkpoint). Loading validates the manifest, names a missing or
+unreadable chunk, and never executes anything from the files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bdjax.errors import CheckpointError, ConfigError
+from bdjax.results import write_json
+from bdjax.zoo.plan import ModelRecord, record_from_dict
+
+FORMAT = "bdjax-zoo/1"
+
+
+def _chunk_table(n_models: int, chunk_size: int) -> list[dict]:
+    return [{"index": c, "start": s, "stop": min(s + chunk_size, n_models), "complete": False}
+            for c, s in enumerate(range(0, n_models, chunk_size))]
+
+
+class ZooStore:
+    def __init__(self, root: str | Path, manifest: dict):
+        self.root = Path(root).absolute()
+        self.manifest = manifest
+
+    # ------------------------------------------------------------------ creation and opening
+    @classmethod
+    def create(cls, root, records: list[ModelRecord], chunk_size: int, config: dict) -> "ZooStore":
+        if chunk_size < 1:
+            raise ConfigError(f"zoo chunk_size must be >= 1, got {chunk_size}")
+        manifest = {"format": FORMAT, "config": config, "n_models": len(records),
+                    "chunks": _chunk_table(len(records), chunk_size), "models": [r.to_dict() for r in records]}
+        store = cls(root, manifest)
+        store.root.mkdir(parents=True, exist_ok=True)
+        store._write()
+        return store
+
+    @classmethod
+    def open(cls, root) -> "ZooStore":
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise CheckpointError(f"no zoo at {root}: {path} not found")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"zoo manifest {path} is not valid JSON ({e})") from None
+        validate_manifest(manifest, str(path))
+        return cls(root, manifest)
+
+    @classmethod
+    def open_or_create(cls, root, records, chunk_size: int, config: dict) -> "ZooStore":
+        """Resume the zoo at `root` if it was made with the same config and records, else start it."""
+        if not (Path(root) / "manifest.json").exists():
+            return cls.create(root, records, chunk_size, config)
+        store = cls.open(root)
+        same_plan = [{k: v for k, v in m.items() if k not in ("clean_acc", "asr", "kept")} for m in store.manifest["models"]] \
+            == [{k: v for k, v in r.to_dict().items() if k not in ("clean_acc", "asr", "kept")} for r in records]
+        if json.loads(json.dumps(config)) != store.manifest["config"] or not same_plan or \
+                [c["stop"] - c["start"] for c in store.manifest["chunks"]] != [c["stop"] - c["start"] for c in _chunk_table(len(records), chunk_size)]:
+            raise ConfigError(f"{root} already holds a zoo with a different config; use another --out to start a new "
+                              "zoo, or the same settings to resume it")
+        return store
+
+    def _write(self) -> None:
+        write_json(self.root / "manifest.json", self.manifest)
+
+    # ------------------------------------------------------------------ chunks
+    @property
+    def chunks(self) -> list[dict]:
+        return self.manifest["chunks"]
+
+    @property
+    def records(self) -> list[ModelRecord]:
+        return [record_from_dict(m, f"model {i}") for i, m in enumerate(self.manifest["models"])]
+
+    def chunk_dir(self, c: int) -> Path:
+        return self.root / "chunks" / f"{c:05d}"
+
+    def train_dir(self, c: int) -> Path:
+        return self.chunk_dir(c) / "train"
+
+    def complete(self, c: int) -> bool:
+        return bool(self.chunks[c]["complete"])
+
+    def save_chunk(self, c: int, variables, records: list[ModelRecord]) -> None:
+        """Write chunk c's stacked variables, then its records, then mark it complete (in that order)."""
+        target = self.chunk_dir(c) / "model"
+        if target.exists():  # a previous attempt was killed after orbax finished but before the manifest update
+            shutil.rmtree(target)
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(target, variables)
+        ckpt.wait_until_finished()
+        ckpt.close()
+        chunk = self.chunks[c]
+        if [r.index for r in records] != list(range(chunk["start"], chunk["stop"])):
+            raise ValueError(f"chunk {c} holds models {chunk['start']}..{chunk['stop'] - 1}, got {[r.index for r in records]}")
+        for r in records:
+            self.manifest["models"][r.index] = r.to_dict()
+        chunk["complete"] = True
+        self._write()
+        shutil.rmtree(self.train_dir(c), ignore_errors=True)  # training checkpoints are no longer needed
+
+    def load_chunk(self, c: int) -> dict:
+        """Stacked variables of complete chunk c, as numpy arrays."""
+        if not 0 <= c < len(self.chunks):
+            raise CheckpointError(f"zoo {self.root} has chunks 0..{len(self.chunks) - 1}, not {c}")
+        if not self.complete(c):
+            raise CheckpointError(f"zoo chunk {c} ({self.chunk_dir(c)}) is not complete: resume the zoo's training")
+        path = self.chunk_dir(c) / "model"
+        if not path.is_dir():
+            raise CheckpointError(f"zoo chunk {c} is missing: {path} not found")
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                tree = ckpt.restore(path)
+        except Exception as e:  # orbax raises many types for damaged files; name the chunk instead
+            raise CheckpointError(f"zoo chunk {c} ({path}) is damaged or unreadable: {str(e).splitlines()[0][:200]}") from None
+        tree = _to_numpy(tree)
+        n = self.chunks[c]["stop"] - self.chunks[c]["start"]
+        sizes = {leaf.shape[0] for leaf in _leaves(tree)}
+        if sizes != {n}:
+            raise CheckpointError(f"zoo chunk {c} ({path}) should stack {n} models, found leading sizes {sorted(sizes)}")
+        return tree
+
+    def load(self, indices=None) -> tuple[dict, list[ModelRecord]]:
+        """(stacked variables, records) of the models `indices` (default: all), read chunk by chunk."""
+        records = self.records
+        indices = np.arange(len(records)) if indices is None else np.asarray(indices)
+        parts = []
+        for c, chunk in enumerate(self.chunks):
+            sel = indices[(indices >= chunk["start"]) & (indices < chunk["stop"])]
+            if len(sel):
+                tree = self.load_chunk(c)
+                parts.append(_map(lambda a, s=sel - chunk["start"]: a[s], tree))
+        if not parts:
+            raise CheckpointError(f"no models selected from zoo {self.root}")
+        stacked = _map(lambda *a: np.concatenate(a), *parts)
+        return stacked, [records[i] for i in indices]
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def _map(fn, *trees):
+    import jax
+
+    return jax.tree.map(fn, *trees)
+
+
+def _to_numpy(tree):
+    return _map(np.asarray, tree)
+
+
+def validate_manifest(m, where: str) -> None:
+    """Raise CheckpointError naming what is wrong with a manifest (structure, records, chunk table)."""
+    if not isinstance(m, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    for key in ("format", "config", "n_models", "chunks", "models"):
+        if key not in m:
+            raise CheckpointError(f"{where}: missing field {key!r} (expected format, config, n_models, chunks, models)")
+    if m["format"] != FORMAT:
+        raise CheckpointError(f"{where}: format {m['format']!r} is not {FORMAT!r}")
+    if not isinstance(m["models"], list) or len(m["models"]) != m["n_models"]:
+        raise CheckpointError(f"{where}: n_models is {m['n_models']} but {len(m['models'])} model records are listed")
+    for i, d in enumerate(m["models"]):
+        try:
+            r = record_from_dict(d, f"{where}: model {i}")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if r.index != i:
+            raise CheckpointError(f"{where}: model record {i} has index {r.index}")
+    expect = 0
+    for c, chunk in enumerate(m["chunks"]):
+        if not isinstance(chunk, dict) or set(chunk) != {"index", "start", "stop", "complete"}:
+            raise CheckpointError(f"{where}: chunk {c} should have index, start, stop, complete")
+        if chunk["index"] != c or chunk["start"] != expect or not chunk["start"] < chunk["stop"] <= m["n_models"]:
+            raise CheckpointError(f"{where}: chunk {c} covers {chunk['start']}..{chunk['stop']}, expected to start at "
+                                  f"{expect} and end within {m['n_models']} models")
+        expect = chunk["stop"]
+    if expect != m["n_models"]:
+        raise CheckpointError(f"{where}: chunks cover {expect} of {m['n_models']} models")

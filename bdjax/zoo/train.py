@@ -1,0 +1,192 @@
+"""Train a zoo of clean and poisoned models, a chunk of models at a time, resumable after a kill.
+
+    cfg = ZooConfig(...)                       # or apply_overrides(ZooConfig(), ["zoo.n_clean=50", ...])
+    store = train_zoo(cfg, "runs/zoo_train")   # rerun the same call to resume
+
+Each chunk is one population (bdjax.zoo.population): its models train together, their model axis sharded over
+the devices; the population state is checkpointed every `train.checkpoint_every` epochs, so a kill loses at most
+that much work of the current chunk; completed chunks are never retrained. After training, every model is
+evaluated (clean test accuracy, poisoned-input accuracy on its triggered source-class test images) and the
+keep-filters of ULP are recorded per model (`kept`): clean_acc >= zoo.min_clean_acc, and for a poisoned model
+asr >= zoo.min_asr. Models that fail are kept in the zoo (and flagged), so nothing is silently retrained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bdjax.checkpoint import Checkpointer
+from bdjax.config import DataConfig, TrainConfig, to_dict
+from bdjax.data import Dataset, load_dataset
+from bdjax.errors import ConfigError
+from bdjax.models import get_model
+from bdjax.train.loop import needs_step_sync, progress_enabled
+from bdjax.train.optim import make_optimizer
+from bdjax.zoo import population as pop
+from bdjax.zoo.plan import ULP_TEST_POOL, ULP_TRAIN_POOL, ULP_TRIGGER_DIR, TriggerPool, load_trigger_pool, plan_zoo
+from bdjax.zoo.store import ZooStore
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooSection:
+    n_clean: int = 8
+    n_poisoned: int = 8
+    pool: str = "train"  # train | test: which half of the trigger images the poisoned models use
+    trigger_dir: str | None = None  # default: <data root>/../triggers/ulp_cifar10
+    trigger_size: int | None = None  # resize the pool's images (None: as stored, 5x5 for the ULP masks)
+    chunk_size: int = 16  # models trained together (and stored together)
+    mode: str = "auto"  # auto | vmap | map (see bdjax.zoo.population)
+    min_clean_acc: float = 0.0  # keep-filters (ULP CIFAR-10: 0.75 and 0.90)
+    min_asr: float = 0.0
+    eval_batch_size: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooConfig:
+    experiment: str = "zoo"
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    zoo: ZooSection = dataclasses.field(default_factory=ZooSection)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        model="mnist_cnn", epochs=5, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+        schedule="constant", checkpoint_every=1))
+
+    def validate(self) -> "ZooConfig":
+        z, t = self.zoo, self.train
+        checks = [
+            (z.n_clean >= 0 and z.n_poisoned >= 0 and z.n_clean + z.n_poisoned > 0, "zoo.n_clean/n_poisoned",
+             ">= 0 with at least one model", (z.n_clean, z.n_poisoned)),
+            (z.pool in ("train", "test"), "zoo.pool", "train or test", z.pool),
+            (z.chunk_size >= 1, "zoo.chunk_size", ">= 1", z.chunk_size),
+            (z.trigger_size is None or z.trigger_size >= 1, "zoo.trigger_size", ">= 1 or none", z.trigger_size),
+            (z.mode in ("auto",) + pop.MODES, "zoo.mode", "auto, vmap or map", z.mode),
+            (0 <= z.min_clean_acc <= 1, "zoo.min_clean_acc", "in [0, 1]", z.min_clean_acc),
+            (0 <= z.min_asr <= 1, "zoo.min_asr", "in [0, 1]", z.min_asr),
+            (z.eval_batch_size >= 1, "zoo.eval_batch_size", ">= 1", z.eval_batch_size),
+            (t.epochs >= 1, "train.epochs", ">= 1", t.epochs), (t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size),
+            (t.lr > 0, "train.lr", "> 0", t.lr), (t.optimizer in ("sgd", "adam"), "train.optimizer", "sgd or adam", t.optimizer),
+            (t.schedule in ("constant", "step", "cosine"), "train.schedule", "constant, step or cosine", t.schedule),
+            (t.augment in ("none", "flip", "crop", "crop_flip"), "train.augment", "none, flip, crop or crop_flip", t.augment),
+            (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0", t.checkpoint_every),
+        ]
+        for ok, field, expected, got in checks:
+            if not ok:
+                raise ConfigError(f"{field} must be {expected}, got {got!r}")
+        return self
+
+
+def trigger_pool(cfg: ZooConfig, channels: int) -> TriggerPool:
+    from bdjax.data import default_data_root
+
+    directory = cfg.zoo.trigger_dir
+    if directory is None:
+        root = default_data_root()
+        if root is None:
+            raise ConfigError("no trigger folder: set zoo.trigger_dir (the ULP masks live in shared/triggers/ulp_cifar10)")
+        directory = Path(root).parent / "triggers" / ULP_TRIGGER_DIR
+    names = ULP_TRAIN_POOL if cfg.zoo.pool == "train" else ULP_TEST_POOL
+    return load_trigger_pool(directory, names, channels=channels, size=cfg.zoo.trigger_size)
+
+
+def load_zoo_data(cfg: ZooConfig) -> Dataset:
+    d = cfg.data
+    ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir)
+    if d.n_train or d.n_test:
+        ds = ds.subset(d.n_train, d.n_test, seed=cfg.seed)
+    return ds
+
+
+def plan(cfg: ZooConfig, ds: Dataset, pool: TriggerPool):
+    h, w = pool.size
+    if h > ds.image_shape[0] or w > ds.image_shape[1]:
+        raise ConfigError(f"zoo triggers of size {h}x{w} are larger than the {ds.image_shape[0]}x{ds.image_shape[1]} images")
+    # Distinct zoo seeds for the train and test pools, so a test zoo never repeats a train zoo's models.
+    return plan_zoo(cfg.zoo.n_clean, cfg.zoo.n_poisoned, pool, ds.num_classes, seed=cfg.seed * 2 + (cfg.zoo.pool == "test"))
+
+
+def _variables(states) -> dict:
+    return {"params": states.params, **({"batch_stats": states.batch_stats} if states.batch_stats else {})}
+
+
+def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, *, checkpoint_dir=None,
+                mesh="auto", desc: str = "zoo") -> tuple[dict, np.ndarray, np.ndarray, float]:
+    """Train the models of `records` together: (stacked variables as numpy, clean_acc, asr, images/s)."""
+    t = cfg.train
+    n = len(ds.x_train)
+    if t.batch_size > n:
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n} training images")
+    steps_per_epoch = n // t.batch_size
+    total = t.epochs * steps_per_epoch
+    tx = make_optimizer(t, steps_per_epoch)
+    mesh = pop.model_mesh(len(records)) if mesh == "auto" else mesh
+    tasks = pop.tasks_from_records(records, ds.image_shape, pool.size)
+    train_data = pop.shared_data(ds.x_train, ds.y_train, ds.num_classes, pool.pattern, pool.mask)
+    n_len = n + int(train_data.class_count.max())
+    tasks_dev = pop.place(tasks, mesh, per_model=True)
+    data_dev = pop.place(train_data, mesh, per_model=False)
+    states = pop.init_population(model, tx, tasks, ds.image_shape, mesh)
+
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.latest_step() is not None:
+        states = ckpt.restore(states)
+    start = int(np.asarray(states.step).reshape(-1)[0])
+
+    step = pop.make_population_step(model, tx, steps_per_epoch=steps_per_epoch, batch_size=t.batch_size,
+                                    augment_kind=t.augment, crop_padding=t.crop_padding, mode=cfg.zoo.mode, mesh=mesh)
+    perms_fn = pop.make_epoch_permutations(n_len, mesh)
+    sync = needs_step_sync(mesh)
+    perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(start // steps_per_epoch), mesh, per_model=False))
+    t0, images = time.perf_counter(), 0
+    with tqdm(total=total, initial=start, desc=f"{desc} ({len(records)} models)", unit="step",
+              disable=not progress_enabled(), mininterval=2.0, dynamic_ncols=True) as bar:
+        for s in range(start, total):
+            states, metrics = step(states, tasks_dev, perms, data_dev)
+            if sync:
+                jax.block_until_ready(metrics)
+            images += t.batch_size * len(records)
+            done = s + 1
+            if done % steps_per_epoch == 0:
+                epoch = done // steps_per_epoch
+                perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(epoch), mesh, per_model=False))
+                if ckpt is not None and (t.checkpoint_every and epoch % t.checkpoint_every == 0 or epoch == t.epochs):
+                    ckpt.save(done, states)
+                bar.set_postfix(loss=f"{float(np.mean(np.asarray(metrics['loss']))):.3f}")
+            bar.update(1)
+    jax.block_until_ready(states)
+    rate = images / max(time.perf_counter() - t0, 1e-9)
+    if ckpt is not None:
+        ckpt.close()
+    variables = _variables(states)
+    test_data = pop.place(pop.shared_data(ds.x_test, ds.y_test, ds.num_classes, pool.pattern, pool.mask), mesh,
+                          per_model=False)
+    clean_acc, asr = pop.evaluate_population(model, variables, tasks_dev, ds.x_test, ds.y_test.astype(np.int32),
+                                             test_data, batch_size=cfg.zoo.eval_batch_size, mode=cfg.zoo.mode, mesh=mesh)
+    return jax.tree.map(np.asarray, jax.device_get(variables)), clean_acc, asr, rate
+
+
+def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
+    """Train (or resume) the zoo described by cfg into the folder `out`; returns its store."""
+    cfg.validate()
+    ds = data if data is not None else load_zoo_data(cfg)
+    pool = trigger_pool(cfg, ds.image_shape[-1])
+    records = plan(cfg, ds, pool)
+    model = get_model(cfg.train.model, ds.num_classes)
+    store = ZooStore.open_or_create(out, records, cfg.zoo.chunk_size, to_dict(cfg))
+    for c, chunk in enumerate(store.chunks):
+        if store.complete(c):
+            continue
+        recs = records[chunk["start"]:chunk["stop"]]
+        variables, clean_acc, asr, _ = train_chunk(model, cfg, recs, ds, pool, checkpoint_dir=store.train_dir(c),
+                                                   desc=f"zoo chunk {c + 1}/{len(store.chunks)}")
+        done = []
+        for r, acc, a in zip(recs, clean_acc, asr):
+            a = None if not r.poisoned else float(a)
+            kept = acc >= cfg.zoo.min_clean_acc and (a is None or a >= cfg.zoo.min_asr)
+            done.append(dataclasses.replace(r, clean_acc=float(acc), asr=a, kept=bool(kept)))
+        store.save_chunk(c, variables, done)
+    return store
