@@ -221,6 +221,7 @@ def test_unlearning_removes_the_backdoor(badnets_digits, nc_result):
     assert info["unlearn_labels"] == nc_result.flagged_labels and info["unlearn_steps"] > 0
     assert after["asr"] < 0.5 * before["asr"]
     assert after["clean_acc"] > before["clean_acc"] - 0.05
+    assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(v))  # the caller's model is left intact
 
 
 def test_bad_input_is_a_config_error(badnets_digits):

@@ -463,7 +463,8 @@ def unlearn(model, variables, x_clean, y_clean, result: NCResult, *, labels=None
         xf[i] = (1 - mask) * xf[i] + mask * pattern
 
     dev = jax.devices()[0]
-    variables = jax.device_put(variables, dev)
+    # Fresh device buffers: the step donates them, and device_put alone would hand back the caller's own arrays.
+    variables = jax.device_put(jax.device_get(variables), dev)
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.sgd(lr, momentum=momentum)
     opt_state = tx.init(params)
