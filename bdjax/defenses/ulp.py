@@ -170,12 +170,7 @@ def ulp_scores(model, result: "ULPResult", variables, *, batch_models: int | Non
     mesh = _mesh_for(B)
     _, scores, _, _ = _compiled(model, cfg, mesh)
     theta = (jnp.asarray(result.patterns), jax.tree.map(jnp.asarray, result.classifier))
-    n = jax.tree.leaves(variables)[0].shape[0]
-    out = []
-    for idx, pad in _batches(n, B):
-        v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
-        out.append(np.asarray(scores(theta, v))[:len(idx)])
-    return np.concatenate(out)
+    return _predict(scores, theta, variables, B, mesh)
 
 
 def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape, num_classes: int,
