@@ -21,8 +21,9 @@ Scales:
   of 32). The schedule rules and patience are the original ones; short check-points let the cost ramp up
   (x2 per 5 successful check-points) within the few steps affordable here: with 5-step check-points and
   200 steps, a trial on a weakly trained GTSRB model reversed the 4x4 target trigger (norm 15) while most
-  other labels' masks were still shrinking. 43 labels x 16 images per step through cifar_cnn on one CPU
-  device is the cost: roughly 6-8 minutes per model on 2 idle cores (not timed on an idle machine).
+  other labels' masks were still shrinking. 43 labels x 16 images per step through cifar_cnn on the
+  2 CPU cores is the cost: 5.35 s per step on an idle machine (probe with early stop off), so up to ~21 min per
+  model for the 240 steps; too slow for the ~30 min target, see the issue note (convolutions inside loops).
 - full: ResNet-18, 30 epochs, and the official NC budget (batch 32, 31 steps per check-point, up to 1000
   check-points, early stop after 25 without improvement).
 
