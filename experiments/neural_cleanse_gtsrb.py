@@ -1,6 +1,6 @@
 """Neural Cleanse on GTSRB (43 labels): a BadNets model and a clean model, every label reversed at once.
 
-    python experiments/neural_cleanse_gtsrb.py --out runs/nc_gtsrb --scale small   # ~30 min on 2 CPU cores
+    python experiments/neural_cleanse_gtsrb.py --out runs/nc_gtsrb --scale small   # ~1 h on 2 CPU cores (see small below)
     python experiments/neural_cleanse_gtsrb.py --out runs/nc_gtsrb_full --scale full  # the paper's NC budget, a GPU
 
 Data: GTSRB 32x32 from the data root (gtsrb/gtsrb_32x32.npz). Attack (as the official NC example): a 4x4
