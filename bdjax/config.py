@@ -59,6 +59,28 @@ class TrainConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (0 = only at the end)
 
+    def checks(self, prefix: str = "train.") -> list[tuple]:
+        """(ok, field, expected, got) rows, shared by every config that holds a train section."""
+        return [
+            (self.epochs >= 1, prefix + "epochs", ">= 1", self.epochs),
+            (self.batch_size >= 1, prefix + "batch_size", ">= 1", self.batch_size),
+            (self.lr > 0, prefix + "lr", "> 0", self.lr),
+            (self.weight_decay >= 0, prefix + "weight_decay", ">= 0", self.weight_decay),
+            (self.optimizer in ("sgd", "adam"), prefix + "optimizer", "sgd or adam", self.optimizer),
+            (self.schedule in ("constant", "step", "cosine"), prefix + "schedule", "constant, step or cosine", self.schedule),
+            (self.augment in ("none", "flip", "crop", "crop_flip"), prefix + "augment", "none, flip, crop or crop_flip",
+             self.augment),
+            (self.eval_batch_size >= 1, prefix + "eval_batch_size", ">= 1", self.eval_batch_size),
+            (self.checkpoint_every >= 0, prefix + "checkpoint_every", ">= 0", self.checkpoint_every),
+        ]
+
+
+def raise_failed(checks) -> None:
+    """ConfigError for the first failed (ok, field, expected, got) row."""
+    for ok, field, expected, got in checks:
+        if not ok:
+            raise ConfigError(f"{field} must be {expected}, got {got!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -79,19 +101,9 @@ class ExperimentConfig:
             (0 <= a.trigger_color <= 1, "attack.trigger_color", "a value in [0, 1]", a.trigger_color),
             (0 < a.blend_alpha <= 1, "attack.blend_alpha", "a value in (0, 1]", a.blend_alpha),
             (a.margin >= 0, "attack.margin", ">= 0", a.margin),
-            (t.epochs >= 1, "train.epochs", ">= 1", t.epochs),
-            (t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size),
-            (t.lr > 0, "train.lr", "> 0", t.lr),
-            (t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay),
-            (t.optimizer in ("sgd", "adam"), "train.optimizer", "sgd or adam", t.optimizer),
-            (t.schedule in ("constant", "step", "cosine"), "train.schedule", "constant, step or cosine", t.schedule),
-            (t.augment in ("none", "flip", "crop", "crop_flip"), "train.augment", "none, flip, crop or crop_flip", t.augment),
-            (t.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", t.eval_batch_size),
-            (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0", t.checkpoint_every),
+            *t.checks(),
         ]
-        for ok, field, expected, got in checks:
-            if not ok:
-                raise ConfigError(f"{field} must be {expected}, got {got!r}")
+        raise_failed(checks)
         return self
 
 

@@ -46,10 +46,11 @@ def population_rate(model, P: int, batch: int, steps: int, mode: str, n_images: 
     spe = n_images // batch
     tx = make_optimizer(cfg, spe)
     mesh = pop.model_mesh(P)
-    tasks = pop.place(pop.tasks_from_records(records, x.shape[1:], pool.size), mesh, True)
+    tasks_host = pop.tasks_from_records(records, x.shape[1:], pool.size)
+    tasks = pop.place(tasks_host, mesh, True)
     data_host = pop.shared_data(x, y, 10, pool.pattern, pool.mask)
     data = pop.place(data_host, mesh, False)
-    states = pop.init_population(model, tx, pop.tasks_from_records(records, x.shape[1:], pool.size), x.shape[1:], mesh)
+    states = pop.init_population(model, tx, tasks_host, x.shape[1:], mesh)
     perms = pop.make_epoch_permutations(n_images + int(data_host.class_count.max()), mesh)(
         tasks, data, pop.place(np.int32(0), mesh, False))
     step = pop.make_population_step(model, tx, steps_per_epoch=spe, batch_size=batch, mode=mode, mesh=mesh)

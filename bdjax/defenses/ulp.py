@@ -94,11 +94,6 @@ def _check_zoo(name, variables, labels) -> np.ndarray:
     return labels.astype(np.int32)
 
 
-def _mesh_for(batch: int):
-    mesh = pop.model_mesh(batch)
-    return mesh
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled(model, cfg: ULPConfig, mesh):
     mode = pop.check_mode(cfg.mode)
@@ -167,7 +162,7 @@ def ulp_scores(model, result: "ULPResult", variables, *, batch_models: int | Non
     """P(poisoned) for every model of a stacked zoo."""
     cfg = result.config
     B = batch_models or cfg.batch_models
-    mesh = _mesh_for(B)
+    mesh = pop.model_mesh(B)
     _, scores, _, _ = _compiled(model, cfg, mesh)
     theta = (jnp.asarray(result.patterns), jax.tree.map(jnp.asarray, result.classifier))
     return _predict(scores, theta, variables, B, mesh)
@@ -181,7 +176,7 @@ def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape
     y_val = _check_zoo("val", val_vars, val_labels)
     B = min(cfg.batch_models, len(y_tr))
     cfg = dataclasses.replace(cfg, batch_models=B)
-    mesh = _mesh_for(B)
+    mesh = pop.model_mesh(B)
     step, scores, tx_z, tx_h = _compiled(model, cfg, mesh)
     key_z, key_h = jax.random.split(jax.random.key(cfg.seed))
     z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape))
@@ -229,13 +224,18 @@ def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape
                      time.time() - t0)
 
 
-def _predict(scores, theta, variables, B, mesh) -> np.ndarray:
+def _over_zoo(fn, variables, B, mesh, *args) -> np.ndarray:
+    """fn(batch of B stacked models, *args) over a whole stacked zoo, padded batches, rows concatenated."""
     n = jax.tree.leaves(variables)[0].shape[0]
     out = []
     for idx, pad in _batches(n, B):
         v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
-        out.append(np.asarray(scores(theta, v))[:len(idx)])
+        out.append(np.asarray(fn(v, *args))[:len(idx)])
     return np.concatenate(out)
+
+
+def _predict(scores, theta, variables, B, mesh) -> np.ndarray:
+    return _over_zoo(lambda v: scores(theta, v), variables, B, mesh)
 
 
 def evaluate_ulp(model, result: ULPResult, test_vars, test_labels) -> dict:
@@ -254,19 +254,13 @@ def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, imag
     y_tr = _check_zoo("train", train_vars, train_labels)
     y_te = _check_zoo("test", test_vars, test_labels)
     z = jax.random.uniform(jax.random.key(seed), (n_patterns, *image_shape))
-    mesh = _mesh_for(batch_models)
+    mesh = pop.model_mesh(batch_models)
     logits_of = pop.over_models(lambda v, z: model.apply(v, z, train=False), pop.check_mode(mode), 1)
     fn = logits_of if mesh is None else jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()),
                                                       out_specs=P(pop.AXIS))
     fn = jax.jit(fn)
 
-    def feats(variables):
-        n = jax.tree.leaves(variables)[0].shape[0]
-        out = []
-        for idx, pad in _batches(n, batch_models):
-            v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
-            out.append(np.asarray(fn(v, z)).reshape(batch_models, -1)[:len(idx)])
-        return np.concatenate(out)
+    feats = lambda variables: _over_zoo(lambda v: fn(v, z).reshape(batch_models, -1), variables, batch_models, mesh)
 
     clf = LogisticRegression(C=10.0, max_iter=5000).fit(feats(train_vars), y_tr)
     s = clf.predict_proba(feats(test_vars))[:, 1]

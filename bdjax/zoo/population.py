@@ -239,6 +239,7 @@ def stamp_batch(data: SharedData, task: ModelTasks, xb):
     return jax.vmap(lambda img: T.apply(img, trig, task.row, task.col))(xb)
 
 
+@functools.lru_cache(maxsize=8)  # one compile per population shape, reused by every chunk
 def make_population_eval(model, *, batch_size: int, mode: str = "auto", mesh=None):
     """(clean, triggered): compiled per-model correct counts on one batch.
 

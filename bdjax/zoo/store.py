@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -24,6 +25,17 @@ from bdjax.results import write_json
 from bdjax.zoo.plan import ModelRecord, record_from_dict
 
 FORMAT = "bdjax-zoo/1"
+
+
+RESULT_FIELDS = ("clean_acc", "asr", "kept")  # filled in by training; the rest of a record is the plan
+
+
+def _plan_fields(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in RESULT_FIELDS}
+
+
+def _bounds(chunks: list[dict]) -> list[tuple[int, int]]:
+    return [(c["start"], c["stop"]) for c in chunks]
 
 
 def _chunk_table(n_models: int, chunk_size: int) -> list[dict]:
@@ -66,10 +78,10 @@ class ZooStore:
         if not (Path(root) / "manifest.json").exists():
             return cls.create(root, records, chunk_size, config)
         store = cls.open(root)
-        same_plan = [{k: v for k, v in m.items() if k not in ("clean_acc", "asr", "kept")} for m in store.manifest["models"]] \
-            == [{k: v for k, v in r.to_dict().items() if k not in ("clean_acc", "asr", "kept")} for r in records]
-        if json.loads(json.dumps(config)) != store.manifest["config"] or not same_plan or \
-                [c["stop"] - c["start"] for c in store.manifest["chunks"]] != [c["stop"] - c["start"] for c in _chunk_table(len(records), chunk_size)]:
+        same = (store.manifest["config"] == json.loads(json.dumps(config))
+                and [_plan_fields(m) for m in store.manifest["models"]] == [_plan_fields(r.to_dict()) for r in records]
+                and _bounds(store.chunks) == _bounds(_chunk_table(len(records), chunk_size)))
+        if not same:
             raise ConfigError(f"{root} already holds a zoo with a different config; use another --out to start a new "
                               "zoo, or the same settings to resume it")
         return store
@@ -127,9 +139,9 @@ class ZooStore:
                 tree = ckpt.restore(path)
         except Exception as e:  # orbax raises many types for damaged files; name the chunk instead
             raise CheckpointError(f"zoo chunk {c} ({path}) is damaged or unreadable: {str(e).splitlines()[0][:200]}") from None
-        tree = _to_numpy(tree)
+        tree = jax.tree.map(np.asarray, tree)
         n = self.chunks[c]["stop"] - self.chunks[c]["start"]
-        sizes = {leaf.shape[0] for leaf in _leaves(tree)}
+        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
         if sizes != {n}:
             raise CheckpointError(f"zoo chunk {c} ({path}) should stack {n} models, found leading sizes {sorted(sizes)}")
         return tree
@@ -143,27 +155,11 @@ class ZooStore:
             sel = indices[(indices >= chunk["start"]) & (indices < chunk["stop"])]
             if len(sel):
                 tree = self.load_chunk(c)
-                parts.append(_map(lambda a, s=sel - chunk["start"]: a[s], tree))
+                parts.append(jax.tree.map(lambda a, s=sel - chunk["start"]: a[s], tree))
         if not parts:
             raise CheckpointError(f"no models selected from zoo {self.root}")
-        stacked = _map(lambda *a: np.concatenate(a), *parts)
+        stacked = jax.tree.map(lambda *a: np.concatenate(a), *parts)
         return stacked, [records[i] for i in indices]
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-def _map(fn, *trees):
-    import jax
-
-    return jax.tree.map(fn, *trees)
-
-
-def _to_numpy(tree):
-    return _map(np.asarray, tree)
 
 
 def validate_manifest(m, where: str) -> None:

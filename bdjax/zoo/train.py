@@ -13,6 +13,7 @@ asr >= zoo.min_asr. Models that fail are kept in the zoo (and flagged), so nothi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bdjax.checkpoint import Checkpointer
-from bdjax.config import DataConfig, TrainConfig, to_dict
+from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
@@ -68,15 +69,9 @@ class ZooConfig:
             (0 <= z.min_clean_acc <= 1, "zoo.min_clean_acc", "in [0, 1]", z.min_clean_acc),
             (0 <= z.min_asr <= 1, "zoo.min_asr", "in [0, 1]", z.min_asr),
             (z.eval_batch_size >= 1, "zoo.eval_batch_size", ">= 1", z.eval_batch_size),
-            (t.epochs >= 1, "train.epochs", ">= 1", t.epochs), (t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size),
-            (t.lr > 0, "train.lr", "> 0", t.lr), (t.optimizer in ("sgd", "adam"), "train.optimizer", "sgd or adam", t.optimizer),
-            (t.schedule in ("constant", "step", "cosine"), "train.schedule", "constant, step or cosine", t.schedule),
-            (t.augment in ("none", "flip", "crop", "crop_flip"), "train.augment", "none, flip, crop or crop_flip", t.augment),
-            (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0", t.checkpoint_every),
+            *t.checks(),
         ]
-        for ok, field, expected, got in checks:
-            if not ok:
-                raise ConfigError(f"{field} must be {expected}, got {got!r}")
+        raise_failed(checks)
         return self
 
 
@@ -113,6 +108,16 @@ def _variables(states) -> dict:
     return {"params": states.params, **({"batch_stats": states.batch_stats} if states.batch_stats else {})}
 
 
+@functools.lru_cache(maxsize=4)
+def _programs(model, t: TrainConfig, steps_per_epoch: int, mode: str, mesh, n_len: int):
+    """(optimiser, compiled step, epoch permutations) for one population shape: chunks of equal size reuse them
+    instead of compiling again (the unrolled CPU step of a chunk takes tens of seconds to compile)."""
+    tx = make_optimizer(t, steps_per_epoch)
+    step = pop.make_population_step(model, tx, steps_per_epoch=steps_per_epoch, batch_size=t.batch_size,
+                                    augment_kind=t.augment, crop_padding=t.crop_padding, mode=mode, mesh=mesh)
+    return tx, step, pop.make_epoch_permutations(n_len, mesh)
+
+
 def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, *, checkpoint_dir=None,
                 mesh="auto", desc: str = "zoo") -> tuple[dict, np.ndarray, np.ndarray, float]:
     """Train the models of `records` together: (stacked variables as numpy, clean_acc, asr, images/s)."""
@@ -122,11 +127,10 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n} training images")
     steps_per_epoch = n // t.batch_size
     total = t.epochs * steps_per_epoch
-    tx = make_optimizer(t, steps_per_epoch)
     mesh = pop.model_mesh(len(records)) if mesh == "auto" else mesh
+    tx, step, perms_fn = _programs(model, t, steps_per_epoch, cfg.zoo.mode, mesh, n + int(np.bincount(ds.y_train).max()))
     tasks = pop.tasks_from_records(records, ds.image_shape, pool.size)
     train_data = pop.shared_data(ds.x_train, ds.y_train, ds.num_classes, pool.pattern, pool.mask)
-    n_len = n + int(train_data.class_count.max())
     tasks_dev = pop.place(tasks, mesh, per_model=True)
     data_dev = pop.place(train_data, mesh, per_model=False)
     states = pop.init_population(model, tx, tasks, ds.image_shape, mesh)
@@ -136,9 +140,6 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
         states = ckpt.restore(states)
     start = int(np.asarray(states.step).reshape(-1)[0])
 
-    step = pop.make_population_step(model, tx, steps_per_epoch=steps_per_epoch, batch_size=t.batch_size,
-                                    augment_kind=t.augment, crop_padding=t.crop_padding, mode=cfg.zoo.mode, mesh=mesh)
-    perms_fn = pop.make_epoch_permutations(n_len, mesh)
     sync = needs_step_sync(mesh)
     perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(start // steps_per_epoch), mesh, per_model=False))
     t0, images = time.perf_counter(), 0
