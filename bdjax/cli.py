@@ -1,7 +1,9 @@
 """The `bdjax` command line (also `python -m bdjax`).
 
-    bdjax demo --out runs/demo                       offline BadNets + 4 defenses on the embedded digits, < 3 min
+    bdjax demo --out runs/demo                       offline BadNets + 4 defenses + a zoo and ULP on the embedded digits
     bdjax badnets --out runs/x data.dataset=mnist train.model=mnist_cnn attack.poison_rate=0.01
+    bdjax zoo --out runs/zoo zoo.n_clean=8           a zoo of clean and poisoned models; multi-process: one command
+        --coordinator HOST:PORT --num-processes N --process-id I      per process, I = 0..N-1
     bdjax fields                                     every config field with its default
     bdjax data cifar10                               what a dataset looks like once loaded
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -68,14 +71,43 @@ def _cmd_demo(args) -> None:
     t0 = time.time()
     result = badnets.run(cfg, args.out)
     sections = defend.run_defenses(result, RunDir(args.out), demo_defense_settings(cfg.seed))
+    if not args.no_zoo:
+        sections["ulp"] = _demo_zoo(args.out, cfg.seed)
     summary = RunDir(args.out).write_summary({**result.summary, "defenses": sections, "wall_s": time.time() - t0})
     _print_summary(summary)
     print(json.dumps(defend.headline(sections), indent=2))
     print(f"results in {args.out}/ (summary.json, metrics.jsonl, config.json, *.png)")
 
 
+def _demo_zoo(out: str, seed: int) -> dict:
+    """The model-level half of the demo: a small digits zoo and ULP vs noise inputs, as one summary section."""
+    from pathlib import Path
+
+    from bdjax.pipelines import ulp
+
+    s = ulp.run_ulp_experiment(ulp.demo_ulp_config(seed), Path(out) / "zoo_ulp")
+    return {"auc": s["auc"], "M": s["M"], "rows": s["rows"], "zoo_train_models": s["zoo_train"]["n_models"],
+            "zoo_test_models": s["zoo_test"]["n_models"], "wall_s": s["wall_s"]}
+
+
 def _cmd_badnets(args) -> None:
     _run_badnets(apply_overrides(ExperimentConfig(), args.overrides), args.out)
+
+
+def _cmd_zoo(args) -> None:
+    from bdjax import distributed
+    from bdjax.zoo import ZooConfig, train_zoo  # importing touches no device
+
+    cfg = apply_overrides(ZooConfig(), args.overrides).validate()  # a bad override fails before connecting
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any device is used
+    store = train_zoo(cfg, args.out)
+    if distributed.is_primary():
+        recs = store.records
+        asr = [r.asr for r in recs if r.asr is not None]
+        print(json.dumps({"n_models": len(recs), "kept": sum(bool(r.kept) for r in recs),
+                          "clean_acc_mean": sum(r.clean_acc for r in recs) / len(recs),
+                          "asr_mean": sum(asr) / len(asr) if asr else None}, indent=2))
+        print(f"zoo in {args.out}/ (manifest.json, chunks/)")
 
 
 def _cmd_fields(args) -> None:
@@ -107,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline BadNets demo on the embedded digits, then all four defenses")
     p.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     p.add_argument("--no-defenses", action="store_true", help="stop after the attack")
+    p.add_argument("--no-zoo", action="store_true", help="skip the zoo of models and ULP")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_demo)
 
@@ -114,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_badnets)
+
+    p = sub.add_parser("zoo", help="train (or resume) a zoo of clean and poisoned models, optionally multi-process")
+    p.add_argument("--out", required=True, help="zoo folder (created; rerun the same command to resume)")
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="HOST:PORT of process 0, for a multi-process run (default $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", default=os.environ.get("JAX_NUM_PROCESSES"),
+                   help="processes in the run (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", default=os.environ.get("JAX_PROCESS_ID"),
+                   help="this process, 0..N-1 (default $JAX_PROCESS_ID)")
+    p.add_argument("overrides", nargs="*", help="config overrides as section.field=value, e.g. zoo.n_clean=4 "
+                                                "train.epochs=2 train.model_options=width=8,hidden=32")
+    p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("fields", help="list every config field and its default")
     p.set_defaults(func=_cmd_fields)

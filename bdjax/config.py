@@ -45,6 +45,8 @@ class AttackConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = "mnist_cnn"
+    # fields of the model class as "name=value" (e.g. "width=8", "hidden=32"): narrower nets for CPU-sized zoos
+    model_options: tuple[str, ...] = ()
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd | adam
@@ -58,6 +60,19 @@ class TrainConfig:
     crop_padding: int = 4
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (0 = only at the end)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """model_options parsed: JSON values (numbers, lists, booleans), anything else kept as a string."""
+        out = {}
+        for item in self.model_options:
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(f"train.model_options entries must look like name=value, got {item!r}")
+            try:
+                out[name.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                out[name.strip()] = value.strip()
+        return out
 
     def checks(self, prefix: str = "train.") -> list[tuple]:
         """(ok, field, expected, got) rows, shared by every config that holds a train section."""

@@ -188,7 +188,7 @@ def run(cfg: ExperimentConfig, out: str) -> dict:
     rows_spec = parse_rows(_OPTIONS["rows"], _OPTIONS["scale"])
     layer = _OPTIONS["layer"] or LAYERS.get(cfg.train.model, "penultimate")
     ds = load_data(cfg)
-    check_layer(get_model(cfg.train.model, ds.num_classes), ds.image_shape, layer)  # fail before any training
+    check_layer(get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs()), ds.image_shape, layer)  # fail before any training
     run_dir.write_config({**to_dict(cfg), "spectral": {"rows": [list(r) for r in rows_spec], "layer": layer,
                                                        "mode": MODE, "percentile": PERCENTILE,
                                                        "target_only": _OPTIONS["target_only"]}})

@@ -1,13 +1,16 @@
 """Population training throughput: P models trained together vs the same models one after another.
 
     python scripts/bench_zoo.py [--populations 1,8,32,128] [--model ulp_cnn] [--batch 64] [--steps 3] [--modes auto]
+                                [--convs xla,gemm]
 
 For each population size P: images/s summed over the P models of `bdjax.zoo.population.make_population_step`
 (half clean, half poisoned: the batches are gathered and stamped on device inside the step), the model axis
 sharded over every local device (bdjax exposes each CPU core as one). The baseline ("one after another with the
 same code") is the P = 1 population: its rate is what training the models sequentially achieves. Modes: `map`
 (models of a device run one after another inside the compiled step: ordinary convolutions) and `vmap` (grouped
-convolutions); `auto` is the backend's default, `all` times both. Data: random 32x32x3 uint8 images (the cost
+convolutions); `auto` is the backend's default, `all` times both. `--convs gemm` also times every mode with the
+convolutions computed as patches x matrix (bdjax.models.common.gemm_conv: under vmap a batched GEMM instead of a
+grouped convolution); the sequential baseline is always the plain XLA convolution. Data: random 32x32x3 uint8 images (the cost
 does not depend on the pixels). Compile and one warm-up step are excluded.
 
 models_per_hour_ulp_cifar10: models finished per hour at the ULP CIFAR-10 schedule (50 epochs over 50000 clean
@@ -71,19 +74,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default="auto", help="auto | map | vmap | all")
+    ap.add_argument("--convs", default="xla", help="xla | gemm | xla,gemm: convolution formulation "
+                                                   "(bdjax.models.common.gemm_conv: patches x matrix)")
     args = ap.parse_args()
     modes = list(pop.MODES) if args.modes == "all" else [pop.check_mode(m) for m in args.modes.split(",")]
-    model = get_model(args.model, 10)
+    variants = [(m, c) for m in modes for c in args.convs.split(",")]
+    label = lambda m, c: m if c == "xla" else f"{m}+{c}"
+    models = {c: get_model(args.model, 10, conv_impl=c) for c in args.convs.split(",")}
     out = {"model": args.model, "batch": args.batch, "device": runtime.device_summary(), "modes": modes,
-           "images_per_s": {}, "by_mode": {m: {} for m in modes}}
+           "images_per_s": {}, "by_mode": {label(m, c): {} for m, c in variants}}
     sizes = [int(p) for p in args.populations.split(",")]
     for P in sizes:
-        for mode in modes:
-            r = population_rate(model, P, args.batch, args.steps, mode)
-            out["by_mode"][mode][str(P)] = round(r, 1)
-            print(f"P={P:4d} {mode:5s}: {r:8.1f} images/s summed", flush=True)
-        out["images_per_s"][str(P)] = max(out["by_mode"][m][str(P)] for m in modes)
-    seq = out["images_per_s"].get("1") or population_rate(model, 1, args.batch, args.steps, modes[0])
+        for mode, conv in variants:
+            r = population_rate(models[conv], P, args.batch, args.steps, mode)
+            out["by_mode"][label(mode, conv)][str(P)] = round(r, 1)
+            print(f"P={P:4d} {label(mode, conv):9s}: {r:8.1f} images/s summed", flush=True)
+        out["images_per_s"][str(P)] = max(v[str(P)] for v in out["by_mode"].values())
+    base = pop.check_mode("auto")
+    seq = out["by_mode"].get(base, {}).get("1")
+    if seq is None:  # the baseline is always the plain program: one model, XLA convolution, the default mode
+        seq = population_rate(get_model(args.model, 10), 1, args.batch, args.steps, base)
     out["sequential_images_per_s"] = seq
     out["speedup_vs_sequential"] = {p: round(r / seq, 2) for p, r in out["images_per_s"].items()}
     out["models_per_hour_ulp_cifar10"] = {p: round(r * 3600 / ULP_IMAGES_PER_MODEL, 3)

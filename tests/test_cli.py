@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bdjax.cli import demo_config
-from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax.config import ExperimentConfig, apply_overrides, to_json as json_config
 from bdjax.errors import ConfigError
 
 ENV = {**os.environ, "BDJAX_PROGRESS": "0"}
@@ -53,7 +53,7 @@ def test_override_parsing():
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = bdjax("demo", "--out", str(out), "train.epochs=15")
+    r = bdjax("demo", "--out", str(out), "--no-zoo", "train.epochs=15")  # the zoo half: the test below
     assert r.returncode == 0, r.stderr
     assert "neural_cleanse" in r.stdout  # the defenses' headline is printed
     summary = json.loads((out / "summary.json").read_text())
@@ -74,6 +74,21 @@ def test_demo_end_to_end(tmp_path):
     # A 15-epoch model is backdoored (asr > 0.8 above): the defenses must see it.
     assert d["activation_clustering"]["tpr"] > 0.5 and d["strip"]["auc"] > 0.8
     assert d["neural_cleanse"]["flagged_labels"] == [0]
+
+
+def test_demo_zoo_section(tmp_path, monkeypatch):
+    """The demo's zoo + ULP half, with a tiny zoo (the pipeline itself: tests/test_ulp_pipeline.py)."""
+    from bdjax import cli
+    from bdjax.pipelines import ulp
+
+    tiny = ulp.demo_ulp_config()
+    tiny = apply_overrides(tiny, ["zoo.n_clean=4", "zoo.n_poisoned=4", "zoo.chunk_size=4", "test_zoo.n_clean=2",
+                                  "test_zoo.n_poisoned=2", "train.epochs=2", "ulp.epochs=3", "ulp.batch_models=4"])
+    monkeypatch.setattr(ulp, "demo_ulp_config", lambda seed=0: tiny)
+    section = cli._demo_zoo(str(tmp_path), 0)
+    assert [(r["method"], r["M"]) for r in section["rows"]] == [("ULP", 1), ("noise", 1), ("ULP", 5), ("noise", 5)]
+    assert section["zoo_train_models"] == 8 and section["zoo_test_models"] == 4 and 0 <= section["auc"] <= 1
+    assert (tmp_path / "zoo_ulp" / "roc.png").exists()
 
 
 def test_other_config_in_same_folder_is_refused(tmp_path):
@@ -125,3 +140,18 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
 def test_demo_config_is_the_documented_one():
     cfg = demo_config()
     assert cfg.data.dataset == "digits" and cfg.attack.poison_rate == 0.03 and cfg.attack.trigger_size == 3
+
+
+def test_a_run_saved_before_a_new_field_existed_still_resumes(tmp_path):
+    from bdjax.pipelines.badnets import _check_resumable
+    from bdjax.results import RunDir
+
+    cfg = demo_config()
+    run = RunDir(tmp_path)
+    old = json.loads(json_config(cfg))
+    del old["train"]["model_options"]  # written by a bdjax without that field
+    run.write_config(old)
+    run.checkpoints.mkdir()
+    _check_resumable(run, cfg)  # same settings: resumes
+    with pytest.raises(ConfigError, match="different config"):
+        _check_resumable(run, apply_overrides(cfg, ["train.model_options=width=8"]))

@@ -10,6 +10,7 @@ from bdjax.attacks import LabelMap, make_trigger, poison_test_set, poison_traini
 from bdjax.config import TrainConfig
 from bdjax.data import load_dataset
 from bdjax.defenses import neural_cleanse as NC
+from bdjax.defenses.metrics import mad_anomaly_index
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.train import evaluate, fit
@@ -243,3 +244,23 @@ def test_an_odd_label_count_is_padded_over_the_devices_and_matches(badnets_digit
     assert r.labels.tolist() == [0, 3, 5] and r.masks.shape == (3, 8, 8) and len(r.norms) == 3
     np.testing.assert_array_equal(r.n_checks, nc_result.n_checks[[0, 3, 5]])
     np.testing.assert_allclose(r.norms, nc_result.norms[[0, 3, 5]], rtol=1e-3)
+
+
+def fake_result(norms) -> NC.NCResult:
+    """An NCResult with the given mask norms and their anomaly index (the other fields are placeholders)."""
+    norms = np.asarray(norms, np.float64)
+    L = len(norms)
+    z = np.zeros(L)
+    return NC.NCResult(labels=np.arange(L), norms=norms, anomaly_index=mad_anomaly_index(norms),
+                       flagged_labels=[], masks=np.zeros((L, 2, 2)), patterns=np.zeros((L, 2, 2, 1)),
+                       reached=z > -1, cost=z, n_checks=z.astype(int), early_stopped=z > 0, steps=0,
+                       mode="batched", wall_s=0.0, config=NC.NCConfig())
+
+
+def test_model_score_is_the_largest_index_below_the_median(nc_result):
+    r = fake_result([10.0, 11.0, 12.0, 13.0, 2.0, 40.0])  # 2.0 is the small outlier; 40.0 is large, not suspicious
+    assert NC.model_score(r) == pytest.approx(r.anomaly_index[4])
+    assert NC.model_score(fake_result([10.0, 11.0, 12.0, 13.0, 14.0, 80.0])) < 1.5  # only a large outlier
+    assert NC.model_score(fake_result([5.0, 5.0, 5.0])) == 0.0  # no label below the median
+    assert isinstance(NC.model_score(r), float)
+    assert NC.model_score(nc_result) == pytest.approx(float(nc_result.anomaly_index[0]))  # the backdoor target

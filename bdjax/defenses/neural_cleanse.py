@@ -28,15 +28,24 @@ Granularity: as in the original, the schedule is updated per CHECK-POINT, i.e. p
 mask norm averaged over the batches of that mini-epoch; at most `max_checks` check-points (official: 1000).
 
 Vectorisation: every label's parameters, Adam state and schedule counters are arrays with a leading label
-axis; a step is `vmap` over labels of value_and_grad of the loss (XLA batches the L x B stamped images
-into one forward/backward pass), and a jitted call advances up to `checks_per_call` check-points inside a
-`lax.while_loop` (fori_loop over the steps of a check-point), with no per-label Python control flow. A label
-that has early-stopped is frozen (its parameters, Adam state and counters no longer change) while the
-others continue, so running labels together or one at a time (`mode="sequential"`: the same code with
-one label) gives the same result. All labels share the same clean batch at each step; the batch of step t
-is a function of (seed, t) and the initial trigger of label l of (seed, l). With several devices (bdjax
-exposes every CPU core as one) the label axis is sharded over them, so each core optimises its share of the
-labels; one label runs on one device.
+axis. A step stamps the shared clean batch with every label's trigger and sends the L x B stamped images
+through the (shared) model as ONE batch of L * B images; the loss is the sum of the per-label losses, so
+each label gets the gradient of its own loss. The host drives the loop: one jitted call per Adam step and
+one per check-point end (the schedule update, on device), dispatched asynchronously; the host waits only
+every `checks_per_sync` check-points, to stop once every label has early-stopped. (A lax.fori_loop over
+the steps saves the dispatches but is slower: XLA:CPU runs the input-gradient convolutions of a loop body
+4-10x slower than at top level.) A label that has early-stopped is frozen (its parameters, Adam state and
+counters no longer change) while the others continue, so running labels together or one at a time
+(`mode="sequential"`: the same code with one label) gives the same result up to float32 rounding. All
+labels share the same clean batch at each step; the batch of step t is a function of (seed, t) and the
+initial trigger of label l of (seed, l). With several devices (bdjax exposes every CPU core as one) the
+label axis is sharded over them (no cross-device communication in a step), so each core optimises its
+share of the labels; one label runs on one device.
+
+Speed (scripts/bench_neural_cleanse.py): the gain of all labels at once over one at a time is at most the
+device count (2 here) times how much cheaper an image gets in a batch L times bigger, which on XLA:CPU is
+little for a convolutional net (~1.2x for 8x8 digits, none for 32x32 GTSRB images): measured 0.8-1.2x on 2
+shared CPU cores, see the script's docstring. GTSRB, 43 labels x 16 images, cifar_cnn: ~2 CPU-seconds per step.
 """
 from __future__ import annotations
 
@@ -76,7 +85,7 @@ class NCConfig:
     early_stop_patience: int = 25  # check-points without improvement of the best norm (5 * patience)
     early_stop_threshold: float = 1.0  # "no improvement" = best >= threshold * previous best
     anomaly_threshold: float = 2.0
-    checks_per_call: int = 10  # check-points per jitted call (the host checks for early stop between calls)
+    checks_per_sync: int = 10  # check-points dispatched between the host's checks for early stop
     seed: int = 0
 
     def validate(self) -> "NCConfig":
@@ -88,7 +97,7 @@ class NCConfig:
             (self.patience >= 1, "patience", ">= 1"), (self.cost_multiplier > 1, "cost_multiplier", "> 1"),
             (self.early_stop_patience >= 1, "early_stop_patience", ">= 1"),
             (self.early_stop_threshold > 0, "early_stop_threshold", "> 0"),
-            (self.anomaly_threshold > 0, "anomaly_threshold", "> 0"), (self.checks_per_call >= 1, "checks_per_call", ">= 1"),
+            (self.anomaly_threshold > 0, "anomaly_threshold", "> 0"), (self.checks_per_sync >= 1, "checks_per_sync", ">= 1"),
         ]
         for ok, field, expected in checks:
             if not ok:
@@ -181,8 +190,9 @@ class NCState(NamedTuple):
     sched: CostSchedule
     best_mask: jax.Array  # (L, H, W, 1) in [0, 1]
     best_pattern: jax.Array  # (L, H, W, C) in [0, 1]
+    acc_sum: jax.Array  # (L,) attack success summed over the steps of the current check-point
+    reg_sum: jax.Array  # (L,) mask norm summed likewise
     step: jax.Array  # global step (selects the clean batch)
-    check: jax.Array  # check-points done
 
 
 def decode(params: dict) -> tuple[jax.Array, jax.Array]:
@@ -209,8 +219,12 @@ def _freeze(active, new, old):
 
 @functools.lru_cache(maxsize=16)
 def _compiled(model, cfg: NCConfig, image_shape: tuple, n_clean: int):
-    """(init, advance) jitted for one model / config / image shape; the label set is a traced argument, so a
-    given number of labels compiles once whatever the labels are."""
+    """(init, step, end_check) jitted for one model / config / image shape; the label set is a traced
+    argument, so a given number of labels compiles once whatever the labels are.
+
+    The host drives the loop (one call per Adam step, one per check-point end) instead of a lax loop:
+    XLA:CPU runs the input-gradient convolutions of a loop body ~4-10x slower than at top level (in a loop
+    it folds the kernel transpose into the convolution, which then misses the fast convolution path)."""
     H, W, C = image_shape
     B, S = cfg.batch_size, cfg.steps_per_check
     steps_per_epoch = n_clean // B
@@ -228,54 +242,61 @@ def _compiled(model, cfg: NCConfig, image_shape: tuple, n_clean: int):
                     "pattern": jnp.arctanh(jnp.clip((p0 - 0.5) * 2, -lim, lim))}
         params = jax.vmap(one)(labels)
         mask, pattern = decode(params)
+        zeros = jnp.zeros(labels.shape, jnp.float32)
         return NCState(params, jax.vmap(tx.init)(params), schedule_init(labels.shape[0], cfg), mask, pattern,
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+                       zeros, zeros, jnp.zeros((), jnp.int32))
 
     def batch(x_all, step):
         epoch, pos = step // steps_per_epoch, step % steps_per_epoch
         perm = jax.random.permutation(jax.random.fold_in(k_data, epoch), n_clean)
         return _to_float(x_all[lax.dynamic_slice(perm, (pos * B,), (B,))])
 
-    def advance(variables, x_all, labels, state: NCState, n_checks):
-        def loss_fn(p, label, cost, xb):
-            mask, pattern = decode(p)
-            logits = model.apply(variables, stamp(xb, mask, pattern), train=False)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((B,), label)).mean()
-            reg = jnp.sum(jnp.abs(mask))
-            acc = jnp.mean(jnp.argmax(logits, -1) == label)
-            return ce + cost * reg, (acc, reg)
+    def total_loss(params, variables, labels, cost, xb):
+        """Sum over labels of CE + cost * |m|_1 (each label's parameters get their own loss's gradient).
+        The model is shared, so the L x B stamped images go through it as ONE batch of L * B images."""
+        mask, pattern = decode(params)
+        L = labels.shape[0]
+        stamped = stamp(xb[None], mask[:, None], pattern[:, None]).reshape(L * B, H, W, C)
+        logits = model.apply(variables, stamped, train=False).reshape(L, B, -1)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, None]).mean(axis=1)
+        reg = jnp.sum(jnp.abs(mask), axis=(1, 2, 3))
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels[:, None], axis=1)
+        return jnp.sum(ce + cost * reg), (acc, reg)
 
-        grad_all = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, 0, 0, None))
+    def step(variables, x_all, labels, st: NCState) -> NCState:
+        """One Adam step for every label still running (early-stopped labels stay frozen)."""
+        active = ~st.sched.done
+        (_, (acc, reg)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+            st.params, variables, labels, st.sched.cost, batch(x_all, st.step))
+        updates, opt_state = jax.vmap(tx.update)(grads, st.opt_state, st.params)
+        params = optax.apply_updates(st.params, updates)
+        return st._replace(params=_freeze(active, params, st.params),
+                           opt_state=_freeze(active, opt_state, st.opt_state),
+                           acc_sum=st.acc_sum + acc, reg_sum=st.reg_sum + reg, step=st.step + 1)
 
-        def one_check(st: NCState) -> NCState:
-            active = ~st.sched.done
+    def end_check(st: NCState) -> NCState:
+        """The schedule update of a check-point, on the success and norm averaged over its S steps."""
+        sched, improved = schedule_update(st.sched, st.acc_sum / S, st.reg_sum / S, cfg)
+        mask, pattern = decode(st.params)
+        sel = improved[:, None, None, None]
+        zeros = jnp.zeros_like(st.acc_sum)
+        return st._replace(sched=sched, best_mask=jnp.where(sel, mask, st.best_mask),
+                           best_pattern=jnp.where(sel, pattern, st.best_pattern), acc_sum=zeros, reg_sum=zeros)
 
-            def body(_, c):
-                params, opt_state, step, acc_sum, reg_sum = c
-                (_, (acc, reg)), grads = grad_all(params, labels, st.sched.cost, batch(x_all, step))
-                updates, new_opt = jax.vmap(tx.update)(grads, opt_state, params)
-                new_params = optax.apply_updates(params, updates)
-                return (_freeze(active, new_params, params), _freeze(active, new_opt, opt_state), step + 1,
-                        acc_sum + acc, reg_sum + reg)
+    return jax.jit(init), jax.jit(step, donate_argnums=(3,)), jax.jit(end_check, donate_argnums=(0,))
 
-            L = labels.shape[0]
-            zeros = jnp.zeros((L,), jnp.float32)
-            params, opt_state, step, acc_sum, reg_sum = lax.fori_loop(
-                0, S, body, (st.params, st.opt_state, st.step, zeros, zeros))
-            sched, improved = schedule_update(st.sched, acc_sum / S, reg_sum / S, cfg)
-            mask, pattern = decode(params)
-            sel = improved[:, None, None, None]
-            return NCState(params, opt_state, sched, jnp.where(sel, mask, st.best_mask),
-                           jnp.where(sel, pattern, st.best_pattern), step, st.check + 1)
 
-        def cond(c):
-            i, st = c
-            return (i < n_checks) & ~jnp.all(st.sched.done)
+def _progress_bar(cfg: NCConfig, n_labels: int, progress: bool):
+    if not progress:
+        return None
+    from bdjax.train.loop import progress_enabled
 
-        _, state = lax.while_loop(cond, lambda c: (c[0] + 1, one_check(c[1])), (jnp.zeros((), jnp.int32), state))
-        return state
+    if not progress_enabled():  # BDJAX_PROGRESS=0 turns every bar off
+        return None
+    from tqdm.auto import tqdm
 
-    return jax.jit(init), jax.jit(advance, donate_argnums=(3,))
+    return tqdm(total=cfg.max_checks, desc=f"neural cleanse ({n_labels} labels)", unit="check", mininterval=2.0,
+                dynamic_ncols=True)
 
 
 def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig(), *, progress: bool = False) -> dict:
@@ -290,8 +311,8 @@ def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig
     labels = np.asarray(labels, np.int32).reshape(-1)
     n_labels = len(labels)
     # fields the compiled code does not read are normalised, so changing them does not recompile
-    key_cfg = dataclasses.replace(cfg, max_checks=1, checks_per_call=1, anomaly_threshold=2.0)
-    init, advance = _compiled(model, key_cfg, tuple(int(d) for d in x_clean.shape[1:]), len(x_clean))
+    key_cfg = dataclasses.replace(cfg, max_checks=1, checks_per_sync=1, anomaly_threshold=2.0)
+    init, step, end_check = _compiled(model, key_cfg, tuple(int(d) for d in x_clean.shape[1:]), len(x_clean))
     mesh = axis_mesh("labels") if n_labels > 1 and len(jax.devices()) > 1 else None
     if mesh is None:  # one label (or one device): plain jit on unsharded arrays
         dev = jax.devices()[0]
@@ -301,24 +322,21 @@ def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig
         variables, x_dev = jax.device_put((variables, x_clean), NamedSharding(mesh, P()))
         labels_dev = jax.device_put(labels, NamedSharding(mesh, P("labels")))
     state = init(labels_dev)
+    bar = _progress_bar(cfg, n_labels, progress)
     done_checks = 0
-    bar = None
-    if progress:
-        from bdjax.train.loop import progress_enabled
-
-        if progress_enabled():  # BDJAX_PROGRESS=0 turns every bar off
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_checks, desc=f"neural cleanse ({len(labels)} labels)", unit="check",
-                       mininterval=2.0, dynamic_ncols=True)
     while done_checks < cfg.max_checks:
-        n = min(cfg.checks_per_call, cfg.max_checks - done_checks)
-        state = advance(variables, x_dev, labels_dev, state, jnp.int32(n))
-        new_checks = int(state.check)  # host sync: blocks on this call before the next is dispatched
+        # Dispatched asynchronously: the host only waits when it reads `done`. Steps and check-point ends
+        # compute per label only (no cross-device collective), so the devices never wait for each other.
+        n = min(cfg.checks_per_sync, cfg.max_checks - done_checks)
+        for _ in range(n):
+            for _ in range(cfg.steps_per_check):
+                state = step(variables, x_dev, labels_dev, state)
+            state = end_check(state)
+        done_checks += n
+        all_done = bool(np.all(np.asarray(state.sched.done)))  # host sync
         if bar is not None:
-            bar.update(new_checks - done_checks)
-        progressed, done_checks = new_checks > done_checks, new_checks
-        if not progressed or bool(np.all(np.asarray(state.sched.done))):
+            bar.update(n)
+        if all_done:
             break
     if bar is not None:
         bar.close()
@@ -333,7 +351,7 @@ def reverse_engineer(model, variables, x_clean, labels, cfg: NCConfig = NCConfig
         "labels": labels[:n_labels], "masks": masks, "patterns": patterns, "norms": np.abs(masks).sum(axis=(1, 2)),
         "reached": reached, "reg_best": np.asarray(sched.reg_best), "cost": np.asarray(sched.cost),
         "n_checks": np.asarray(sched.n_checks), "early_stopped": np.asarray(sched.done),
-        "steps": int(state.step),
+        "steps": int(sched.n_checks.max()) * cfg.steps_per_check,  # the longest label's
     }
 
 
@@ -388,8 +406,8 @@ def neural_cleanse(model, variables, x_clean, num_classes: int, *, labels=None, 
                    mode: str = "batched", progress: bool = False) -> NCResult:
     """Reverse-engineer a trigger for every label (or `labels`) and flag low-norm outliers.
 
-    mode="batched": all labels advance together (one vmapped optimisation); mode="sequential": the same code
-    run on one label at a time (as the original scans labels), for comparison."""
+    mode="batched": all labels advance together (one optimisation over a label axis); mode="sequential": the
+    same code run on one label at a time (as the original scans labels), for comparison."""
     if mode not in MODES:
         raise ConfigError(f"neural cleanse mode must be one of {', '.join(MODES)}, got {mode!r}")
     labels = _check_labels(labels, num_classes)
@@ -406,6 +424,15 @@ def neural_cleanse(model, variables, x_clean, num_classes: int, *, labels=None, 
                     masks=out["masks"], patterns=out["patterns"], reached=out["reached"], cost=out["cost"],
                     n_checks=out["n_checks"], early_stopped=out["early_stopped"], steps=out["steps"], mode=mode,
                     wall_s=time.time() - t0, config=config)
+
+
+def model_score(result: NCResult) -> float:
+    """One anomaly score per model, for model-level detection (e.g. an AUC over a zoo of models): the largest
+    anomaly index among the labels whose mask norm is below the median (a backdoor makes its target's
+    trigger unusually SMALL; large norms are not suspicious), 0.0 if no label is below the median."""
+    norms = np.asarray(result.norms, np.float64)
+    below = norms < np.median(norms)
+    return float(np.max(np.asarray(result.anomaly_index)[below])) if below.any() else 0.0
 
 
 def save_trigger_grid(path, result: NCResult, ncols: int | None = None) -> None:

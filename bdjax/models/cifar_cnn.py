@@ -21,6 +21,7 @@ class CifarCNN(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (32, 64, 128)
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"  # xla | gemm (see common.gemm_conv)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
@@ -29,7 +30,7 @@ class CifarCNN(nn.Module):
         for width in self.widths:
             for _ in range(2):
                 i += 1
-                x = torch_conv(x, width, 3, padding=1, dtype=self.dtype, name=f"conv{i}")
+                x = torch_conv(x, width, 3, padding=1, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}")
                 x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x))
                 feats[f"conv{i}"] = x
             x = max_pool(x, 2)

@@ -39,6 +39,30 @@ def torch_bias_init(fan_in: int):
     return init
 
 
+def gemm_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, precision=None, preferred_element_type=None):
+    """``lax.conv_general_dilated`` for NHWC x HWIO (what nn.Conv calls) as explicit patches times a matrix.
+
+    Why: under ``jax.vmap`` over a population of models (a model axis on the kernel) XLA turns a convolution
+    into a grouped convolution, which its CPU backend runs far slower than the plain one; patches built by
+    slicing fold the model axis into the batch and the product becomes a batched GEMM. Same numbers as the
+    convolution up to float summation order (tests/test_models.py)."""
+    if feature_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) or any(
+            d != 1 for d in (rhs_dilation or (1, 1))):
+        raise ConfigError("gemm convolution supports plain (ungrouped, undilated) convolutions only")
+    kh, kw, cin, cout = rhs.shape
+    sh, sw = window_strides
+    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    cols = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(cols, axis=-1)  # (N, oh, ow, kh*kw*cin), (i, j, c) order = HWIO rows
+    return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * cin, cout), precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
+CONV_IMPLS = ("xla", "gemm")
+
+
 def torch_conv(
     x: Array,
     features: int,
@@ -48,13 +72,17 @@ def torch_conv(
     padding: int = 0,
     bias: bool = True,
     dtype: Dtype = jnp.float32,
+    impl: str = "xla",
     name: str | None = None,
 ) -> Array:
     """``nn.Conv2d(k, stride, padding)`` equivalent; call inside a compact method.
 
     Explicit symmetric padding (not 'SAME') so strided convs see the same pixels as PyTorch,
-    which matters when porting weights.
+    which matters when porting weights. ``impl="gemm"``: the same layer and parameters computed by
+    `gemm_conv` (faster for vmapped model populations on CPU).
     """
+    if impl not in CONV_IMPLS:
+        raise ConfigError(f"conv impl must be one of {', '.join(CONV_IMPLS)}, got {impl!r}")
     fan_in = kernel * kernel * x.shape[-1]
     return nn.Conv(
         features,
@@ -65,6 +93,7 @@ def torch_conv(
         kernel_init=torch_kernel_init,
         bias_init=torch_bias_init(fan_in),
         dtype=dtype,
+        conv_general_dilated=gemm_conv if impl == "gemm" else jax.lax.conv_general_dilated,
         name=name,
     )(x)
 

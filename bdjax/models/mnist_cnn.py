@@ -26,6 +26,7 @@ class MnistCNN(nn.Module):
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"  # xla | gemm (see common.gemm_conv)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
@@ -33,9 +34,9 @@ class MnistCNN(nn.Module):
             raise ConfigError(f"mnist_cnn needs inputs of at least 5x5, got {x.shape[1]}x{x.shape[2]}")
         feats: dict = {}
         x = normalize(x, self.mean, self.std)
-        x = nn.relu(torch_conv(x, self.width, 3, dtype=self.dtype, name="conv1"))
+        x = nn.relu(torch_conv(x, self.width, 3, dtype=self.dtype, impl=self.conv_impl, name="conv1"))
         feats["conv1"] = x
-        x = nn.relu(torch_conv(x, 2 * self.width, 3, dtype=self.dtype, name="conv2"))
+        x = nn.relu(torch_conv(x, 2 * self.width, 3, dtype=self.dtype, impl=self.conv_impl, name="conv2"))
         feats["conv2"] = x
         if min(x.shape[1], x.shape[2]) >= 4:
             x = max_pool(x, 2)

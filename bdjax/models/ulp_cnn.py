@@ -27,13 +27,14 @@ class UlpCNN(nn.Module):
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"  # xla | gemm (see common.gemm_conv)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         feats: dict = {}
         x = normalize(x, self.mean, self.std)
         for i in range(1, 7):
-            x = torch_conv(x, self.width, 5, padding=2, dtype=self.dtype, name=f"conv{i}")
+            x = torch_conv(x, self.width, 5, padding=2, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}")
             x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x))
             feats[f"conv{i}"] = x
             if i % 2 == 0:

@@ -13,7 +13,7 @@ import numpy as np
 
 from bdjax import runtime
 from bdjax.attacks import LabelMap, PoisonedSet, make_trigger, poison_test_set, poison_training_set
-from bdjax.config import ExperimentConfig, to_dict
+from bdjax.config import ExperimentConfig, from_dict, to_dict
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
@@ -61,6 +61,11 @@ def poison(cfg: ExperimentConfig, ds: Dataset):
 def _check_resumable(run: RunDir, cfg: ExperimentConfig) -> None:
     previous = run.read_config()
     current = json.loads(json.dumps(to_dict(cfg)))  # compare as JSON sees it (tuples become lists)
+    if previous is not None and previous != current:
+        try:  # a run saved before a field existed resumes if the new field is at its default
+            previous = json.loads(json.dumps(to_dict(from_dict(type(cfg), previous))))
+        except (ConfigError, TypeError):
+            pass
     if previous is not None and previous != current and run.checkpoints.exists():
         raise ConfigError(f"{run.path} already holds a run with a different config; use another --out to start a "
                           "new run, or the same settings to resume it")
@@ -81,7 +86,7 @@ def run(cfg: ExperimentConfig, out) -> BadNetsResult:
         plots.save_examples(run_dir.figure("examples.png"), ds.x_train[idx], poisoned.x[idx], ds.y_train[idx],
                             poisoned.y[idx], ds.class_names)
 
-    model = get_model(cfg.train.model, ds.num_classes)
+    model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
     # Per-epoch curves use a seeded random test subset: folder datasets are sorted by class, so the first
     # images would cover only one or two classes.
     rng = np.random.default_rng(cfg.seed)

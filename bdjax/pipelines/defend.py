@@ -110,9 +110,12 @@ def run_defenses(attack, run_dir, settings: DefenseSettings = DefenseSettings())
 def headline(sections: dict) -> dict:
     """One line per defense for the terminal."""
     sp, ac, st, nc = (sections[k] for k in ("spectral_signatures", "activation_clustering", "strip", "neural_cleanse"))
-    return {
+    out = {
         "spectral_signatures": {k: sp[k] for k in ("tpr", "fpr", "poison_left")},
         "activation_clustering": {k: ac[k] for k in ("tpr", "fpr", "poison_left")},
         "strip": {k: st[k] for k in ("frr", "far", "auc")},
         "neural_cleanse": {k: nc[k] for k in ("flagged_labels", "target_anomaly_index")},
     }
+    if "ulp" in sections:  # the model-level detector over the demo's zoo: test AUC per method and M
+        out["ulp"] = {f"{r['method']} M={r['M']}": round(r["auc"], 3) for r in sections["ulp"]["rows"]}
+    return out

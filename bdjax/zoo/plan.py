@@ -102,6 +102,17 @@ def load_trigger_pool(directory: str | Path, names, channels: int = 3, size: int
     return TriggerPool(tuple(names), pattern.astype(np.float32), mask.astype(np.float32))
 
 
+def random_trigger_pool(n: int, size: int, channels: int, seed: int) -> TriggerPool:
+    """n opaque size x size patches of random black/white (per channel) pixels: a trigger pool that needs no
+    files (the offline demo). Pools from different seeds serve as the train and the unseen test triggers."""
+    if n < 1 or size < 1:
+        raise ConfigError(f"a random trigger pool needs n >= 1 and size >= 1, got {n}, {size}")
+    rng = np.random.default_rng(seed)
+    pattern = rng.integers(0, 2, (n, size, size, channels)).astype(np.float32)
+    names = tuple(f"random{seed}_{i}" for i in range(n))
+    return TriggerPool(names, pattern, np.ones((n, size, size, 1), np.float32))
+
+
 def plan_zoo(n_clean: int, n_poisoned: int, pool: TriggerPool, num_classes: int, seed: int,
              first_index: int = 0) -> list[ModelRecord]:
     """Records for a zoo, clean and poisoned interleaved (every chunk holds both kinds). A poisoned model draws

@@ -15,7 +15,9 @@ How the models of one device run (`mode`):
   Compile time grows with the models per device, so keep chunks moderate (tens of models). (lax.map would
   compile once, but XLA:CPU runs convolutions inside loops ~50x slower.)
 `default_mode()` picks "map" on CPU and "vmap" elsewhere. The model axis is sharded over a 1-D "models"
-mesh with shard_map; models never communicate, so the step has no collectives.
+mesh with shard_map; models never communicate, so the step has no collectives. With several processes
+(bdjax.distributed) the mesh spans devices of every process: host values enter through `place` (each process
+fills its own devices from its identical host copy) and per-model results leave through distributed.to_host.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bdjax import triggers as T
+from bdjax import distributed, triggers as T
 from bdjax.errors import ConfigError
 from bdjax.train.augment import augment
 from bdjax.train.state import TrainState
@@ -169,19 +171,28 @@ def sharded(fn, mesh, n_per_model: int, n_args: int):
 
 
 def model_mesh(n_models: int):
-    """A 'models' mesh over as many local devices as evenly divide the population (None for one)."""
-    n = len(jax.devices())
-    while n_models % n:
-        n -= 1
-    if n == 1:
+    """A 'models' mesh over as many devices as evenly divide the population (None for one device).
+
+    With several processes every process lends the same number of its own devices (a process outside the mesh
+    could not take part in its computations); the population must then be a multiple of the process count
+    (train_chunk pads it)."""
+    n_proc = jax.process_count()
+    k = jax.local_device_count()
+    while k and n_models % (k * n_proc):
+        k -= 1
+    if k == 0:
+        raise ConfigError(f"{n_models} models cannot be split evenly over {n_proc} processes")
+    if k * n_proc == 1:
         return None
-    return jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    own = [[d for d in jax.devices() if d.process_index == p][:k] for p in range(n_proc)]
+    devices = [d for ds in own for d in ds]
+    return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def place(tree, mesh, per_model: bool):
     if mesh is None:
-        return jax.device_put(tree, jax.devices()[0])
-    return jax.device_put(tree, NamedSharding(mesh, P(AXIS) if per_model else P()))
+        return jax.device_put(tree, jax.local_devices()[0])
+    return distributed.put(tree, NamedSharding(mesh, P(AXIS) if per_model else P()))
 
 
 def init_population(model, tx: optax.GradientTransformation, tasks: ModelTasks, image_shape, mesh=None) -> TrainState:
@@ -193,7 +204,7 @@ def init_population(model, tx: optax.GradientTransformation, tasks: ModelTasks, 
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
     # lax.map: initialisation runs a forward pass, which under vmap would be a grouped convolution
     init = jax.jit(lambda seeds: lax.map(one, seeds))
-    return place(init(jnp.asarray(tasks.seed)), mesh, per_model=True)
+    return place(init(jnp.asarray(tasks.seed)), mesh, per_model=True)  # computed whole by every process
 
 
 def make_epoch_permutations(n_len: int, mesh):
@@ -279,10 +290,11 @@ def evaluate_population(model, variables, tasks: ModelTasks, x_test, y_test, tes
         if pad:
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        correct = correct + np.asarray(clean(variables, tasks, *rep((xb, yb.astype(np.int32), valid))))
+        correct = correct + distributed.to_host(clean(variables, tasks, *rep((xb, yb.astype(np.int32), valid))))
     hits = 0
-    for pos in range(0, int(np.max(np.asarray(test_data.class_count))), batch_size):
-        hits = hits + np.asarray(triggered(variables, tasks, test_data, rep(np.int32(pos))))
-    n_src = np.asarray(test_data.class_count)[np.asarray(tasks.source)]
-    asr = np.where(np.asarray(tasks.poisoned), hits / np.maximum(n_src, 1), np.nan)
+    class_count = distributed.to_host(test_data.class_count)
+    for pos in range(0, int(np.max(class_count)), batch_size):
+        hits = hits + distributed.to_host(triggered(variables, tasks, test_data, rep(np.int32(pos))))
+    n_src = class_count[distributed.to_host(tasks.source)]
+    asr = np.where(distributed.to_host(tasks.poisoned), hits / np.maximum(n_src, 1), np.nan)
     return correct / n, asr

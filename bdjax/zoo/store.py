@@ -9,6 +9,10 @@ A chunk counts as complete only once its variables are written AND the manifest 
 replaced atomically after orbax has finished), so a zoo killed mid-save resumes from the last complete chunk
 (and the unfinished chunk from its last training checkpoint). Loading validates the manifest, names a missing or
 unreadable chunk, and never executes anything from the files.
+
+With several processes (bdjax.distributed) every process holds the same manifest in memory and calls the same
+methods; only process 0 writes the manifest and removes folders, and orbax saves are collective (each process
+takes part; orbax writes the gathered numpy variables from process 0).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bdjax import distributed
 from bdjax.errors import CheckpointError, ConfigError
 from bdjax.results import write_json
 from bdjax.zoo.plan import ModelRecord, record_from_dict
@@ -87,7 +92,8 @@ class ZooStore:
         return store
 
     def _write(self) -> None:
-        write_json(self.root / "manifest.json", self.manifest)
+        if distributed.is_primary():  # the other processes hold the same manifest in memory
+            write_json(self.root / "manifest.json", self.manifest)
 
     # ------------------------------------------------------------------ chunks
     @property
@@ -109,21 +115,24 @@ class ZooStore:
 
     def save_chunk(self, c: int, variables, records: list[ModelRecord]) -> None:
         """Write chunk c's stacked variables, then its records, then mark it complete (in that order)."""
+        chunk = self.chunks[c]
+        if [r.index for r in records] != list(range(chunk["start"], chunk["stop"])):
+            raise ValueError(f"chunk {c} holds models {chunk['start']}..{chunk['stop'] - 1}, got {[r.index for r in records]}")
         target = self.chunk_dir(c) / "model"
-        if target.exists():  # a previous attempt was killed after orbax finished but before the manifest update
+        if distributed.is_primary() and target.exists():  # an attempt killed before the manifest update
             shutil.rmtree(target)
+        distributed.barrier(f"zoo chunk {c}: cleared")  # orbax refuses to save into an existing folder
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(target, variables)
         ckpt.wait_until_finished()
         ckpt.close()
-        chunk = self.chunks[c]
-        if [r.index for r in records] != list(range(chunk["start"], chunk["stop"])):
-            raise ValueError(f"chunk {c} holds models {chunk['start']}..{chunk['stop'] - 1}, got {[r.index for r in records]}")
         for r in records:
             self.manifest["models"][r.index] = r.to_dict()
         chunk["complete"] = True
         self._write()
-        shutil.rmtree(self.train_dir(c), ignore_errors=True)  # training checkpoints are no longer needed
+        if distributed.is_primary():  # training checkpoints are no longer needed
+            shutil.rmtree(self.train_dir(c), ignore_errors=True)
+        distributed.barrier(f"zoo chunk {c}: saved")  # on return the chunk is on disk and marked, for every process
 
     def load_chunk(self, c: int) -> dict:
         """Stacked variables of complete chunk c, as numpy arrays."""

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from bdjax import distributed
 from bdjax.checkpoint import Checkpointer
 from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
 from bdjax.data import Dataset, load_dataset
@@ -29,8 +30,12 @@ from bdjax.models import get_model
 from bdjax.train.loop import needs_step_sync, progress_enabled
 from bdjax.train.optim import make_optimizer
 from bdjax.zoo import population as pop
-from bdjax.zoo.plan import ULP_TEST_POOL, ULP_TRAIN_POOL, ULP_TRIGGER_DIR, TriggerPool, load_trigger_pool, plan_zoo
+from bdjax.zoo.plan import (ULP_TEST_POOL, ULP_TRAIN_POOL, ULP_TRIGGER_DIR, TriggerPool, load_trigger_pool, plan_zoo,
+                            random_trigger_pool)
 from bdjax.zoo.store import ZooStore
+
+
+RANDOM_TRIGGERS = "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,9 @@ class ZooSection:
     n_clean: int = 8
     n_poisoned: int = 8
     pool: str = "train"  # train | test: which half of the trigger images the poisoned models use
-    trigger_dir: str | None = None  # default: <data root>/../triggers/ulp_cifar10
+    # default: <data root>/../triggers/ulp_cifar10; "random": 10 seeded random black/white patches per pool
+    # (no files needed: the offline demo), of size trigger_size (default 3)
+    trigger_dir: str | None = None
     trigger_size: int | None = None  # resize the pool's images (None: as stored, 5x5 for the ULP masks)
     chunk_size: int = 16  # models trained together (and stored together)
     mode: str = "auto"  # auto | vmap | map (see bdjax.zoo.population)
@@ -79,6 +86,8 @@ def trigger_pool(cfg: ZooConfig, channels: int) -> TriggerPool:
     from bdjax.data import default_data_root
 
     directory = cfg.zoo.trigger_dir
+    if directory == RANDOM_TRIGGERS:  # train and test pools from different seeds: the test triggers are unseen
+        return random_trigger_pool(10, cfg.zoo.trigger_size or 3, channels, seed=1000 + (cfg.zoo.pool == "test"))
     if directory is None:
         root = default_data_root()
         if root is None:
@@ -118,16 +127,31 @@ def _programs(model, t: TrainConfig, steps_per_epoch: int, mode: str, mesh, n_le
     return tx, step, pop.make_epoch_permutations(n_len, mesh)
 
 
+def pad_for_processes(records: list) -> list:
+    """records plus copies of the last, so that every process holds an equal share of the model axis (the
+    copies train along and are dropped)."""
+    return list(records) + [records[-1]] * (-len(records) % jax.process_count())
+
+
+def _first_local(x) -> int:
+    """A value every model shares (e.g. the step), read from this process's own shard."""
+    return int(np.asarray(x.addressable_data(0)).reshape(-1)[0])
+
+
 def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, *, checkpoint_dir=None,
                 mesh="auto", desc: str = "zoo") -> tuple[dict, np.ndarray, np.ndarray, float]:
-    """Train the models of `records` together: (stacked variables as numpy, clean_acc, asr, images/s)."""
+    """Train the models of `records` together: (stacked variables as numpy, clean_acc, asr, images/s).
+    With several processes every process calls this with the same arguments and gets the same results."""
     t = cfg.train
+    n_models = len(records)
     n = len(ds.x_train)
     if t.batch_size > n:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n} training images")
     steps_per_epoch = n // t.batch_size
     total = t.epochs * steps_per_epoch
-    mesh = pop.model_mesh(len(records)) if mesh == "auto" else mesh
+    if mesh == "auto":
+        records = pad_for_processes(records)
+        mesh = pop.model_mesh(len(records))
     tx, step, perms_fn = _programs(model, t, steps_per_epoch, cfg.zoo.mode, mesh, n + int(np.bincount(ds.y_train).max()))
     tasks = pop.tasks_from_records(records, ds.image_shape, pool.size)
     train_data = pop.shared_data(ds.x_train, ds.y_train, ds.num_classes, pool.pattern, pool.mask)
@@ -138,25 +162,26 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.latest_step() is not None:
         states = ckpt.restore(states)
-    start = int(np.asarray(states.step).reshape(-1)[0])
+    start = _first_local(states.step)
 
     sync = needs_step_sync(mesh)
     perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(start // steps_per_epoch), mesh, per_model=False))
     t0, images = time.perf_counter(), 0
-    with tqdm(total=total, initial=start, desc=f"{desc} ({len(records)} models)", unit="step",
-              disable=not progress_enabled(), mininterval=2.0, dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=start, desc=f"{desc} ({n_models} models)", unit="step",
+              disable=not (progress_enabled() and distributed.is_primary()), mininterval=2.0,
+              dynamic_ncols=True) as bar:
         for s in range(start, total):
             states, metrics = step(states, tasks_dev, perms, data_dev)
             if sync:
                 jax.block_until_ready(metrics)
-            images += t.batch_size * len(records)
+            images += t.batch_size * n_models
             done = s + 1
             if done % steps_per_epoch == 0:
                 epoch = done // steps_per_epoch
                 perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(epoch), mesh, per_model=False))
                 if ckpt is not None and (t.checkpoint_every and epoch % t.checkpoint_every == 0 or epoch == t.epochs):
                     ckpt.save(done, states)
-                bar.set_postfix(loss=f"{float(np.mean(np.asarray(metrics['loss']))):.3f}")
+                bar.set_postfix(loss=f"{float(np.mean(distributed.to_host(metrics['loss'])[:n_models])):.3f}")
             bar.update(1)
     jax.block_until_ready(states)
     rate = images / max(time.perf_counter() - t0, 1e-9)
@@ -167,7 +192,8 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
                           per_model=False)
     clean_acc, asr = pop.evaluate_population(model, variables, tasks_dev, ds.x_test, ds.y_test.astype(np.int32),
                                              test_data, batch_size=cfg.zoo.eval_batch_size, mode=cfg.zoo.mode, mesh=mesh)
-    return jax.tree.map(np.asarray, jax.device_get(variables)), clean_acc, asr, rate
+    variables = jax.tree.map(lambda a: a[:n_models], distributed.to_host(variables))
+    return variables, clean_acc[:n_models], asr[:n_models], rate
 
 
 def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
@@ -176,7 +202,7 @@ def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
     ds = data if data is not None else load_zoo_data(cfg)
     pool = trigger_pool(cfg, ds.image_shape[-1])
     records = plan(cfg, ds, pool)
-    model = get_model(cfg.train.model, ds.num_classes)
+    model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
     store = ZooStore.open_or_create(out, records, cfg.zoo.chunk_size, to_dict(cfg))
     for c, chunk in enumerate(store.chunks):
         if store.complete(c):

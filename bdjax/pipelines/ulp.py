@@ -1,0 +1,280 @@
+"""The ULP experiment of seeds/000 end to end: train a zoo, meta-train litmus patterns, compare with baselines.
+
+    cfg = apply_overrides(ULPExperimentConfig(), ["data.dataset=mnist", ...])
+    summary = run_ulp_experiment(cfg, "runs/ulp_mnist")     # rerun the same call to resume
+
+1. Two zoos of clean and poisoned models (bdjax.zoo.train_zoo): OUT/zoo_train with the train trigger pool, split
+   into meta-train and meta-validation models, and OUT/zoo_test with the disjoint test pool (unseen triggers).
+   Only models that passed the keep-filters (zoo.min_clean_acc, zoo.min_asr) are used, as in the reference.
+2. For every M in `patterns`: ULP (bdjax.defenses.ulp) meta-trained on the train zoo, best epoch on the val zoo,
+   ROC AUC on the test zoo; and the noise baseline (M uniform-noise inputs + logistic regression) with the same M.
+3. Neural Cleanse's model score (largest anomaly index below the median) on the test zoo models, as an AUC.
+
+Every finished step is written under OUT/ulp/ (patterns as .npz, rows as JSON) so a killed run resumes without
+redoing it. summary.json has `rows` (method, M, auc, acc, scale) and the shared fields (clean_acc and asr are
+the test zoo's mean clean accuracy and mean poisoned-model ASR).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bdjax import runtime
+from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
+from bdjax.defenses import neural_cleanse as nc
+from bdjax.defenses import ulp
+from bdjax.defenses.metrics import roc_auc
+from bdjax.errors import ConfigError
+from bdjax.models import get_model
+from bdjax.results import RunDir, write_json
+from bdjax.train.loop import progress_enabled
+from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo
+
+
+@dataclasses.dataclass(frozen=True)
+class TestZooSection:
+    n_clean: int = 8
+    n_poisoned: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineSection:
+    noise: bool = True
+    neural_cleanse: bool = True
+    nc_models: int = 0  # test zoo models scanned by Neural Cleanse, half clean half poisoned (0: all)
+    nc_images: int = 1000  # clean test images NC optimises on
+    nc_batch: int = 32
+    nc_steps_per_check: int = 31
+    nc_max_checks: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class ULPExperimentConfig:
+    experiment: str = "ulp"
+    scale: str = "custom"  # recorded in every row: which preset produced the number
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: ZooConfig().train)
+    zoo: ZooSection = dataclasses.field(default_factory=ZooSection)  # the train/val zoo (train trigger pool)
+    test_zoo: TestZooSection = dataclasses.field(default_factory=TestZooSection)  # unseen triggers
+    val_fraction: float = 0.2  # of the train zoo, held out for ULP's best-epoch selection
+    patterns: tuple[int, ...] = (1, 5, 10)  # the M values
+    ulp: ulp.ULPConfig = dataclasses.field(default_factory=ulp.ULPConfig)
+    baselines: BaselineSection = dataclasses.field(default_factory=BaselineSection)
+
+    def validate(self) -> "ULPExperimentConfig":
+        b = self.baselines
+        raise_failed([
+            (self.test_zoo.n_clean >= 1 and self.test_zoo.n_poisoned >= 1, "test_zoo.n_clean/n_poisoned",
+             ">= 1 each (an AUC needs both kinds)", (self.test_zoo.n_clean, self.test_zoo.n_poisoned)),
+            (self.zoo.n_clean >= 2 and self.zoo.n_poisoned >= 2, "zoo.n_clean/n_poisoned",
+             ">= 2 each (train and val need both kinds)", (self.zoo.n_clean, self.zoo.n_poisoned)),
+            (self.zoo.pool == "train", "zoo.pool", "train (the test zoo uses the test pool)", self.zoo.pool),
+            (0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction),
+            (len(self.patterns) >= 1 and all(m >= 1 for m in self.patterns), "patterns", "M values >= 1", self.patterns),
+            (b.nc_models >= 0, "baselines.nc_models", ">= 0", b.nc_models),
+            (b.nc_images >= b.nc_batch >= 1, "baselines.nc_images", f">= baselines.nc_batch ({b.nc_batch}) >= 1",
+             b.nc_images),
+            (b.nc_steps_per_check >= 1 and b.nc_max_checks >= 1, "baselines.nc_steps_per_check/nc_max_checks",
+             ">= 1", (b.nc_steps_per_check, b.nc_max_checks)),
+        ])
+        self.ulp.validate()
+        self.zoo_config("train").validate()
+        return self
+
+    def zoo_config(self, which: str) -> ZooConfig:
+        z = self.zoo if which == "train" else dataclasses.replace(
+            self.zoo, pool="test", n_clean=self.test_zoo.n_clean, n_poisoned=self.test_zoo.n_poisoned)
+        return ZooConfig(experiment=f"{self.experiment}_zoo_{which}", seed=self.seed, data=self.data, zoo=z,
+                         train=self.train)
+
+
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of zoo indices: the same share of clean and poisoned models in val."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for kind in (0, 1):
+        idx = rng.permutation(np.flatnonzero(labels == kind))
+        n_val = min(max(1, int(round(val_fraction * len(idx)))), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _kept(store) -> tuple[dict, np.ndarray, list]:
+    variables, records = store.load()
+    keep = np.array([bool(r.kept) for r in records])
+    labels = np.array([r.poisoned for r in records], np.int32)
+    if keep.sum() == 0 or len(set(labels[keep])) < 2:
+        raise ConfigError(f"zoo {store.root}: the keep-filters left {int(keep.sum())} models without both kinds; "
+                          "lower zoo.min_clean_acc / zoo.min_asr or train longer")
+    idx = np.flatnonzero(keep)
+    return {k: _select(v, idx) for k, v in variables.items()}, labels[idx], [records[i] for i in idx]
+
+
+def _select(tree, idx):
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+class _Steps:
+    """Finished steps of a run, one JSON file each under OUT/ulp/, so a rerun skips them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str):
+        p = self.root / f"{name}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def put(self, name: str, value) -> None:
+        write_json(self.root / f"{name}.json", value)
+
+
+def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, shape, num_classes, run: RunDir, steps: _Steps):
+    done = steps.get(f"ulp_M{m}")
+    if done is not None:
+        return done
+    (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = zoos
+    ucfg = dataclasses.replace(cfg.ulp, n_patterns=m, seed=cfg.seed)
+    res = ulp.train_ulp(model, tr_v, tr_y, va_v, va_y, shape, num_classes, ucfg, progress=True)
+    ev = ulp.evaluate_ulp(model, res, te_v, te_y)
+    np.savez(steps.root / f"ulp_M{m}.npz", patterns=res.patterns, kernel=res.classifier["kernel"],
+             bias=res.classifier["bias"], test_scores=ev["scores"])
+    ulp.save_patterns(run.figure(f"ulp_patterns_M{m}.png"), res)
+    row = {"method": "ULP", "M": m, "auc": ev["auc"], "acc": ev["acc"], "scale": cfg.scale, **res.summary(),
+           "test_scores": ev["scores"]}
+    steps.put(f"ulp_M{m}", row)
+    return steps.get(f"ulp_M{m}")
+
+
+def _noise_row(model, cfg, m, zoos, shape, steps: _Steps):
+    done = steps.get(f"noise_M{m}")
+    if done is not None:
+        return done
+    (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = zoos
+    # The baseline has no epochs to select, so it fits on train + val models together.
+    fit_v = jax.tree.map(lambda a, b: np.concatenate([a, b]), tr_v, va_v)
+    r = ulp.noise_baseline(model, fit_v, np.r_[tr_y, va_y], te_v, te_y, shape, n_patterns=m, seed=cfg.seed,
+                           mode=cfg.ulp.mode, batch_models=cfg.ulp.batch_models)
+    row = {"method": "noise", "M": m, "auc": r["auc"], "acc": r["acc"], "scale": cfg.scale, "test_scores": r["scores"]}
+    steps.put(f"noise_M{m}", row)
+    return steps.get(f"noise_M{m}")
+
+
+def nc_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of n test models (0: all), half clean and half poisoned, in zoo order."""
+    if n == 0 or n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    parts = [rng.permutation(np.flatnonzero(labels == k))[:n // 2 + (k == 1) * (n % 2)] for k in (0, 1)]
+    return np.sort(np.concatenate(parts))
+
+
+def _nc_row(model, cfg: ULPExperimentConfig, test_zoo, ds, steps: _Steps):
+    done = steps.get("neural_cleanse")
+    if done is not None:
+        return done
+    te_v, te_y = test_zoo
+    b = cfg.baselines
+    idx = nc_subset(te_y, b.nc_models, cfg.seed)
+    nc_cfg = nc.NCConfig(batch_size=b.nc_batch, steps_per_check=b.nc_steps_per_check, max_checks=b.nc_max_checks,
+                      seed=cfg.seed)
+    x_clean = ds.x_test[np.random.default_rng(cfg.seed).permutation(len(ds.x_test))[:b.nc_images]]
+    partial = steps.get("neural_cleanse_partial") or {"scores": []}
+    t0 = time.time()
+    for k in tqdm(range(len(partial["scores"]), len(idx)), desc="Neural Cleanse over the test zoo", unit="model",
+                  disable=not progress_enabled()):
+        v = jax.tree.map(lambda a: a[idx[k]], te_v)
+        partial["scores"].append(nc.model_score(nc.neural_cleanse(model, v, x_clean, ds.num_classes, config=nc_cfg)))
+        steps.put("neural_cleanse_partial", partial)  # one model at a time: a kill loses at most one scan
+    scores = np.asarray(partial["scores"], float)
+    y = te_y[idx].astype(bool)
+    row = {"method": "neural_cleanse", "M": None, "auc": roc_auc(scores, y), "acc": float(np.mean((scores > 2.0) == y)),
+           "scale": cfg.scale, "n_models": int(len(idx)), "test_scores": scores, "nc_s": time.time() - t0}
+    steps.put("neural_cleanse", row)
+    return steps.get("neural_cleanse")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | M | AUC | scale |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {'-' if r['M'] is None else r['M']} | {r['auc']:.3f} | {r['scale']} |")
+    return "\n".join(lines)
+
+
+def _zoo_stats(records) -> dict:
+    clean = [r.clean_acc for r in records]
+    asr = [r.asr for r in records if r.poisoned]
+    return {"n_models": len(records), "n_poisoned": int(sum(r.poisoned for r in records)),
+            "n_kept": int(sum(bool(r.kept) for r in records)), "mean_clean_acc": float(np.mean(clean)),
+            "min_clean_acc": float(np.min(clean)), "mean_asr": float(np.mean(asr)) if asr else None,
+            "min_asr": float(np.min(asr)) if asr else None}
+
+
+def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
+    cfg.validate()
+    t0 = time.time()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    ds = load_zoo_data(cfg.zoo_config("train"))
+    model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
+
+    stores = {w: train_zoo(cfg.zoo_config(w), run.path / f"zoo_{w}", data=ds) for w in ("train", "test")}
+    zoo_wall = time.time() - t0
+    tr_all, tr_lab, tr_rec = _kept(stores["train"])
+    te_v, te_y, te_rec = _kept(stores["test"])
+    i_tr, i_va = split_train_val(tr_lab, cfg.val_fraction, cfg.seed)
+    zoos = ((_select(tr_all, i_tr), tr_lab[i_tr]), (_select(tr_all, i_va), tr_lab[i_va]), (te_v, te_y))
+
+    steps = _Steps(run.path / "ulp")
+    rows = []
+    for m in cfg.patterns:
+        rows.append(_ulp_row(model, cfg, m, zoos, ds.image_shape, ds.num_classes, run, steps))
+        if cfg.baselines.noise:
+            rows.append(_noise_row(model, cfg, m, zoos, ds.image_shape, steps))
+    if cfg.baselines.neural_cleanse:
+        rows.append(_nc_row(model, cfg, (te_v, te_y), ds, steps))
+
+    curves = {f"{r['method']}" + (f" M={r['M']}" if r["M"] is not None else ""): (
+        np.asarray(r["test_scores"]), te_y if r["method"] != "neural_cleanse" else
+        te_y[nc_subset(te_y, cfg.baselines.nc_models, cfg.seed)]) for r in rows}
+    ulp.save_roc(run.figure("roc.png"), curves)
+    table = markdown_table(rows)
+    (run.path / "table.md").write_text(table + "\n")
+
+    test_stats = _zoo_stats(stores["test"].records)
+    best = max((r for r in rows if r["method"] == "ULP"), key=lambda r: r["M"])
+    summary = {
+        "experiment": cfg.experiment, "dataset": cfg.data.dataset, "seed": cfg.seed, "scale": cfg.scale,
+        "clean_acc": test_stats["mean_clean_acc"], "asr": test_stats["mean_asr"],
+        "auc": best["auc"], "M": best["M"],
+        "rows": [{k: v for k, v in r.items() if k != "test_scores"} for r in rows],
+        "zoo_train": {**_zoo_stats(stores["train"].records), "n_meta_train": int(len(i_tr)), "n_meta_val": int(len(i_va))},
+        "zoo_test": test_stats, "zoo_wall_s": zoo_wall, "wall_s": time.time() - t0,
+        "device": runtime.device_summary(),
+    }
+    summary = run.write_summary(summary)
+    print(table)
+    print(f"results in {out}/ (summary.json, table.md, roc.png, ulp_patterns_M*.png; zoos in zoo_train/, zoo_test/)")
+    return summary
+
+
+def demo_ulp_config(seed: int = 0) -> ULPExperimentConfig:
+    """The demo's zoo: 48 + 48 tiny digits models with random 3x3 triggers (no files needed), a test zoo of
+    16 + 16 with unseen random triggers, ULP with M = 1 and 5 against noise inputs (Neural Cleanse already runs
+    in the demo's defense half). Tiny nets: vmap mode trains them together faster than the CPU's unrolled map.
+    Pattern lr 10 as the small-scale experiments (see experiments/ulp_mnist.py)."""
+    from bdjax.config import apply_overrides
+
+    return apply_overrides(ULPExperimentConfig(experiment="demo_ulp", scale="demo", seed=seed), [
+        "data.dataset=digits", "zoo.trigger_dir=random", "zoo.trigger_size=3", "zoo.n_clean=48", "zoo.n_poisoned=48",
+        "zoo.chunk_size=48", "zoo.mode=vmap", "zoo.min_asr=0.8", "test_zoo.n_clean=16", "test_zoo.n_poisoned=16",
+        "train.model_options=width=4,hidden=16", "train.epochs=8", "train.lr=0.01", "patterns=1,5", "ulp.epochs=100",
+        "ulp.pattern_lr=10", "ulp.classifier_lr=0.01", "ulp.batch_models=48", "baselines.neural_cleanse=false"])
