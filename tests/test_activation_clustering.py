@@ -1,5 +1,6 @@
-"""Activation Clustering: an obvious small cluster is flagged (PCA and ICA, size and silhouette criteria), a digits
-BadNets model's poisons are found better than chance, per-class report, bad input."""
+"""Activation Clustering: an obvious small cluster is flagged (PCA and ICA, with and without L2 normalisation, size
+and silhouette criteria), also when the activations' magnitude varies between samples, a digits BadNets model's
+poisons are found better than chance, per-class report, bad input."""
 import json
 
 import numpy as np
@@ -27,10 +28,11 @@ def small_cluster(seed=0, n_per_class=300, d=32, target=1, shift=8.0):
     return np.maximum(acts + 1.0, 0.0).astype(np.float32), y, poison
 
 
+@pytest.mark.parametrize("normalize", ["none", "l2"])
 @pytest.mark.parametrize("reduce", ["pca", "ica"])
-def test_obvious_small_cluster_is_flagged(reduce):
+def test_obvious_small_cluster_is_flagged(reduce, normalize):
     acts, y, poison = small_cluster(n_per_class=200)
-    res = activation_clustering(acts, y, reduce=reduce, poison_mask=poison)
+    res = activation_clustering(acts, y, reduce=reduce, normalize=normalize, poison_mask=poison)
     assert res.flagged_labels == [1]
     m = res.metrics
     assert m["tpr"] == 1.0 and m["clean_removed"] <= 2 and m["auc"] > 0.99, m  # a stray clean point may join
@@ -41,6 +43,20 @@ def test_obvious_small_cluster_is_flagged(reduce):
     assert (res.cluster[poison] == 0).all() and (res.cluster >= 0).all()
     assert set(np.flatnonzero(res.removed)) == set(np.flatnonzero((y == 1) & (res.cluster == 0)))
     json.dumps(res.summary())  # the report is JSON-ready
+
+
+@pytest.mark.parametrize("reduce", ["pca", "ica"])
+def test_poisons_are_flagged_when_activation_magnitude_varies(reduce):
+    """MNIST's failure mode: the overall activation magnitude (stroke thickness) varies 3x between samples.
+    Unnormalised, 2-means splits every class by magnitude and misses the poisons; after L2 they are flagged."""
+    acts, y, poison = small_cluster()
+    scale = np.where(np.random.default_rng(1).random(len(y)) < 0.5, 0.5, 1.5).astype(np.float32)[:, None]
+    raw = activation_clustering(acts * scale, y, reduce=reduce, poison_mask=poison)
+    assert raw.metrics["tpr"] == 0.0 and 1 not in raw.flagged_labels, raw.metrics
+    res = activation_clustering(acts * scale, y, reduce=reduce, normalize="l2", poison_mask=poison)
+    assert res.flagged_labels == [1] and res.metrics["tpr"] == 1.0 and res.metrics["clean_removed"] <= 3, res.metrics
+    unscaled = activation_clustering(acts, y, reduce=reduce, normalize="l2")
+    assert (unscaled.cluster == res.cluster).mean() > 0.99  # L2 removes the magnitude entirely
 
 
 def test_silhouette_criterion_and_labels_subset():
@@ -58,6 +74,8 @@ def test_threshold_controls_flagging():
     acts, y, poison = small_cluster()
     res = activation_clustering(acts, y, size_threshold=0.15)  # the 20% cluster is now too big to flag
     assert res.flagged_labels == [] and not res.removed.any()
+    rel = res.per_class[1]["relative_size"]
+    assert activation_clustering(acts, y, size_threshold=rel).flagged_labels == [1]  # "at most", as in the paper
 
 
 def test_tiny_classes_are_skipped():
@@ -85,6 +103,7 @@ def test_digits_badnets_tpr_above_fpr():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(reduce="tsne"), "reduce must be one of pca, ica, got 'tsne'"),
+    (dict(normalize="zscore"), "normalize must be one of none, l2, got 'zscore'"),
     (dict(criterion="distance"), "criterion must be one of size, silhouette"),
     (dict(size_threshold=0.8), "size_threshold must be a fraction in"),
     (dict(n_components=0), "n_components must be a positive integer"),
