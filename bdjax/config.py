@@ -130,6 +130,23 @@ def to_json(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
+def saved_form(cfg) -> dict:
+    """A config (dataclass or plain dict) as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg))
+
+
+def matches_saved(saved: dict, cfg) -> bool:
+    """Whether a config saved as JSON describes `cfg`. Fields added to bdjax since it was saved count as their
+    defaults, so a run or zoo written by an older bdjax still resumes when nothing it used has changed."""
+    current = saved_form(cfg)
+    if saved == current or not dataclasses.is_dataclass(cfg):
+        return saved == current
+    try:
+        return saved_form(from_dict(type(cfg), saved)) == current
+    except (ConfigError, TypeError):
+        return False
+
+
 def from_dict(cls, d: dict[str, Any]):
     """Rebuild a config from its dict (e.g. a saved config.json), rejecting unknown fields."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -6,14 +6,13 @@ trained model and the poisoned data as well, so defenses can be run on the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import numpy as np
 
 from bdjax import runtime
 from bdjax.attacks import LabelMap, PoisonedSet, make_trigger, poison_test_set, poison_training_set
-from bdjax.config import ExperimentConfig, from_dict, to_dict
+from bdjax.config import ExperimentConfig, matches_saved, to_dict
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
@@ -60,13 +59,7 @@ def poison(cfg: ExperimentConfig, ds: Dataset):
 
 def _check_resumable(run: RunDir, cfg: ExperimentConfig) -> None:
     previous = run.read_config()
-    current = json.loads(json.dumps(to_dict(cfg)))  # compare as JSON sees it (tuples become lists)
-    if previous is not None and previous != current:
-        try:  # a run saved before a field existed resumes if the new field is at its default
-            previous = json.loads(json.dumps(to_dict(from_dict(type(cfg), previous))))
-        except (ConfigError, TypeError):
-            pass
-    if previous is not None and previous != current and run.checkpoints.exists():
+    if previous is not None and run.checkpoints.exists() and not matches_saved(previous, cfg):
         raise ConfigError(f"{run.path} already holds a run with a different config; use another --out to start a "
                           "new run, or the same settings to resume it")
 

@@ -115,7 +115,7 @@ def _kept(store) -> tuple[dict, np.ndarray, list]:
         raise ConfigError(f"zoo {store.root}: the keep-filters left {int(keep.sum())} models without both kinds; "
                           "lower zoo.min_clean_acc / zoo.min_asr or train longer")
     idx = np.flatnonzero(keep)
-    return {k: _select(v, idx) for k, v in variables.items()}, labels[idx], [records[i] for i in idx]
+    return _select(variables, idx), labels[idx], [records[i] for i in idx]
 
 
 def _select(tree, idx):
@@ -151,7 +151,7 @@ def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, shape, num_classes, 
     row = {"method": "ULP", "M": m, "auc": ev["auc"], "acc": ev["acc"], "scale": cfg.scale, **res.summary(),
            "test_scores": ev["scores"]}
     steps.put(f"ulp_M{m}", row)
-    return steps.get(f"ulp_M{m}")
+    return steps.get(f"ulp_M{m}")  # read back: a fresh and a resumed run report the same JSON values
 
 
 def _noise_row(model, cfg, m, zoos, shape, steps: _Steps):

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bdjax import distributed
+from bdjax.config import matches_saved, saved_form
 from bdjax.errors import CheckpointError, ConfigError
 from bdjax.results import write_json
 from bdjax.zoo.plan import ModelRecord, record_from_dict
@@ -55,10 +56,10 @@ class ZooStore:
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
-    def create(cls, root, records: list[ModelRecord], chunk_size: int, config: dict) -> "ZooStore":
+    def create(cls, root, records: list[ModelRecord], chunk_size: int, config) -> "ZooStore":
         if chunk_size < 1:
             raise ConfigError(f"zoo chunk_size must be >= 1, got {chunk_size}")
-        manifest = {"format": FORMAT, "config": config, "n_models": len(records),
+        manifest = {"format": FORMAT, "config": saved_form(config), "n_models": len(records),
                     "chunks": _chunk_table(len(records), chunk_size), "models": [r.to_dict() for r in records]}
         store = cls(root, manifest)
         store.root.mkdir(parents=True, exist_ok=True)
@@ -78,12 +79,13 @@ class ZooStore:
         return cls(root, manifest)
 
     @classmethod
-    def open_or_create(cls, root, records, chunk_size: int, config: dict) -> "ZooStore":
-        """Resume the zoo at `root` if it was made with the same config and records, else start it."""
+    def open_or_create(cls, root, records, chunk_size: int, config) -> "ZooStore":
+        """Resume the zoo at `root` if it was made with the same config (a config dataclass or a plain dict) and
+        records, else start it."""
         if not (Path(root) / "manifest.json").exists():
             return cls.create(root, records, chunk_size, config)
         store = cls.open(root)
-        same = (store.manifest["config"] == json.loads(json.dumps(config))
+        same = (matches_saved(store.manifest["config"], config)
                 and [_plan_fields(m) for m in store.manifest["models"]] == [_plan_fields(r.to_dict()) for r in records]
                 and _bounds(store.chunks) == _bounds(_chunk_table(len(records), chunk_size)))
         if not same:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bdjax import distributed
 from bdjax.checkpoint import Checkpointer
-from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
+from bdjax.config import DataConfig, TrainConfig, raise_failed
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
@@ -203,7 +203,7 @@ def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
     pool = trigger_pool(cfg, ds.image_shape[-1])
     records = plan(cfg, ds, pool)
     model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
-    store = ZooStore.open_or_create(out, records, cfg.zoo.chunk_size, to_dict(cfg))
+    store = ZooStore.open_or_create(out, records, cfg.zoo.chunk_size, cfg)
     for c, chunk in enumerate(store.chunks):
         if store.complete(c):
             continue
