@@ -10,9 +10,8 @@ one source class, relabelled to a target; masks 00-09 train/val, 1-10 test). Pip
 Scales:
 - small: a 2-conv CNN (mnist_cnn with 16/32 filters, 64 hidden units), 2 epochs on 6000 training images per
   model; zoo 60 clean + 60 poisoned (80 % meta-train, 20 % meta-val), test zoo 20 + 20; keep-filters clean
-  accuracy >= 0.5 and ASR >= 0.9; ULP 150 epochs (600 steps) with pattern SGD lr 10 and classifier Adam
-  1e-2: the reference's lr (1e3 on 0..255 inputs, 0.0154 on bdjax's [0, 1]) barely moves the patterns in so few
-  steps (MNIST small sweep, M = 5: test AUC 0.40 at 0.0154, 0.45 at 1, 0.62 at 10, 0.60 at 100); Neural Cleanse (43 labels per model) on 6 + 6 test models with
+  accuracy >= 0.5 and ASR >= 0.9; ULP 150 epochs with the reference's optimisers and learning rates on log-softmax
+  features, as experiments/ulp_mnist.py (why there); Neural Cleanse (43 labels per model) on 6 + 6 test models with
   a cut budget.
 - full: the ULP CIFAR network (ulp_cnn), Adam 1e-2, batch 64, 30 epochs on all training images; keep-filters
   0.9 / 0.9; zoo 500 + 500, test zoo 100 + 100; ULP 1000 epochs; Neural Cleanse with the official budget.
@@ -27,7 +26,7 @@ SCALES = {
     "small": ["train.model=mnist_cnn", "train.model_options=width=16,hidden=64", "train.lr=0.001",
               "data.n_train=6000", "data.n_test=2000", "train.epochs=2", "zoo.n_clean=60", "zoo.n_poisoned=60",
               "zoo.chunk_size=20", "zoo.min_clean_acc=0.5", "test_zoo.n_clean=20", "test_zoo.n_poisoned=20",
-              "ulp.epochs=150", "ulp.pattern_lr=10", "ulp.classifier_lr=0.01", "baselines.nc_models=12", "baselines.nc_batch=16",
+              "ulp.epochs=150", "ulp.features=log_softmax", "baselines.nc_models=12", "baselines.nc_batch=16",
               "baselines.nc_steps_per_check=5", "baselines.nc_max_checks=40", "baselines.nc_images=1000"],
     "full": ["train.model=ulp_cnn", "train.lr=0.01", "train.epochs=30", "zoo.n_clean=500", "zoo.n_poisoned=500",
              "zoo.chunk_size=50", "zoo.min_clean_acc=0.9", "test_zoo.n_clean=100", "test_zoo.n_poisoned=100",

@@ -1,9 +1,11 @@
-"""ULP learning-rate sweep on the zoos of an existing ULP run folder (no zoo is retrained).
+"""ULP sweep over pattern learning rates and feature maps on the zoos of an existing ULP run (no zoo is retrained).
 
-    python scripts/sweep_ulp.py --run runs/ulp_mnist --M 5 --epochs 150 --pattern-lrs 0.0154,1,10,100
+    python scripts/sweep_ulp.py --run runs/ulp_mnist --M 10 --epochs 150 --pattern-lrs 0.0154,1,10 \
+        --features logits,log_softmax
 
-For each pattern learning rate: meta-train on the run's train zoo (same train/val split as the run), keep the
-best val epoch, print the test-zoo AUC. The last line is one JSON object {pattern_lr: test AUC}.
+For each (features, pattern learning rate): meta-train on the run's train zoo (same train/val split as the run),
+keep the best val epoch, print the test-zoo AUC. The classifier keeps the run's learning rate unless
+--classifier-lr is given. The last line is one JSON object {"features/pattern_lr": test AUC}.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--pattern-lrs", default="0.0154,1,10,100")
-    ap.add_argument("--classifier-lr", type=float, default=0.01)
+    ap.add_argument("--features", default=None, help="comma-separated: logits, log_softmax (default: the run's)")
+    ap.add_argument("--classifier-lr", type=float, default=None, help="default: the run's")
     args = ap.parse_args()
     run = Path(args.run)
     cfg = from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text()))
@@ -40,18 +43,20 @@ def main() -> None:
     te_v, te_y, _ = pipe._kept(ZooStore.open(run / "zoo_test"))
     i_tr, i_va = pipe.split_train_val(tr_lab, cfg.val_fraction, cfg.seed)
     out = {}
-    for lr in (float(v) for v in args.pattern_lrs.split(",")):
-        ucfg = dataclasses.replace(cfg.ulp, n_patterns=args.M, epochs=args.epochs, pattern_lr=lr,
-                                   classifier_lr=args.classifier_lr, seed=cfg.seed)
+    classifier_lr = args.classifier_lr or cfg.ulp.classifier_lr
+    grid = [(f, float(lr)) for f in (args.features or cfg.ulp.features).split(",") for lr in args.pattern_lrs.split(",")]
+    for features, lr in grid:
+        ucfg = dataclasses.replace(cfg.ulp, n_patterns=args.M, epochs=args.epochs, pattern_lr=lr, features=features,
+                                   classifier_lr=classifier_lr, seed=cfg.seed).validate()
         t0 = time.time()
         res = ulp.train_ulp(model, pipe._select(tr_all, i_tr), tr_lab[i_tr], pipe._select(tr_all, i_va), tr_lab[i_va],
                             ds.image_shape, ds.num_classes, ucfg)
         auc = ulp.evaluate_ulp(model, res, te_v, te_y)["auc"]
-        out[str(lr)] = round(auc, 4)
-        print(f"pattern_lr={lr}: best epoch {res.best_epoch}, val acc {res.val_acc:.3f}, "
+        out[f"{features}/{lr}"] = round(auc, 4)
+        print(f"{features}, pattern_lr={lr}: best epoch {res.best_epoch}, val acc {res.val_acc:.3f}, "
               f"last train acc {res.history[-1]['train_acc']:.3f}, test AUC {auc:.3f} ({time.time() - t0:.0f} s)",
               flush=True)
-    print(json.dumps({"M": args.M, "epochs": args.epochs, "classifier_lr": args.classifier_lr, "test_auc": out}))
+    print(json.dumps({"M": args.M, "epochs": args.epochs, "classifier_lr": classifier_lr, "test_auc": out}))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,16 @@ def test_total_variation_by_hand():
     assert float(ulp.total_variation(z)) == pytest.approx(8.0)  # 4 neighbours, |2 - 0| each way
 
 
+def test_log_softmax_features_ignore_each_models_logit_offset():
+    logits = jax.random.normal(jax.random.key(0), (3, 2, 10))
+    shifted = logits + jnp.arange(6.0).reshape(3, 2, 1) * 7.0  # a constant per model and pattern
+    np.testing.assert_allclose(ulp.pool_logits(shifted, "concat", "log_softmax"),
+                               ulp.pool_logits(logits, "concat", "log_softmax"), atol=1e-5)
+    assert not np.allclose(ulp.pool_logits(shifted, "concat"), ulp.pool_logits(logits, "concat"))
+    with pytest.raises(ConfigError, match="features must be logits or log_softmax"):
+        ulp.ULPConfig(features="softmax").validate()
+
+
 def test_pooling_shapes():
     logits = jnp.ones((5, 3, 10))
     assert ulp.pool_logits(logits, "concat").shape == (5, 30) and ulp.pool_logits(logits, "avg").shape == (5, 10)
@@ -83,3 +93,94 @@ def test_bad_input(random_zoo):
         ulp.train_ulp(model, variables, labels + 1, variables, labels, SHAPE, 10, ulp.ULPConfig(epochs=1))
     with pytest.raises(ConfigError, match="pooling must be concat or avg"):
         ulp.ULPConfig(pooling="max").validate()
+
+
+def _reference_loop(model, variables, labels, cfg, image_shape, num_classes):
+    """The reference's schedule written plainly: models one at a time, h stepped after each model, the patterns
+    stepped with the mean of the batch's per-model gradients (plus TV) after every batch."""
+    key_z, key_h = jax.random.split(jax.random.key(cfg.seed))
+    z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape))
+    d = cfg.n_patterns * num_classes
+    kh, kb = jax.random.split(key_h)
+    lim = 1.0 / np.sqrt(d)
+    h = {"kernel": jax.random.uniform(kh, (d, 2), minval=-lim, maxval=lim),
+         "bias": jax.random.uniform(kb, (2,), minval=-lim, maxval=lim)}
+    tx_z, tx_h = optax.sgd(cfg.pattern_lr), optax.adam(cfg.classifier_lr)
+    oz, oh = tx_z.init(z), tx_h.init(h)
+
+    def loss(z, h, v, y):
+        f = model.apply(v, z, train=False).reshape(-1)
+        return optax.softmax_cross_entropy_with_integer_labels(f @ h["kernel"] + h["bias"], y)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order), cfg.batch_models):
+            g_zs = []
+            for i in order[start:start + cfg.batch_models]:
+                g_z, g_h = grad(z, h, jax.tree.map(lambda a: a[i], variables), labels[i])
+                g_zs.append(g_z)
+                u, oh = tx_h.update(g_h, oh, h)
+                h = optax.apply_updates(h, u)
+            g = jnp.mean(jnp.stack(g_zs), 0) + cfg.tv_weight * jax.grad(ulp.total_variation)(z)
+            u, oz = tx_z.update(g, oz, z)
+            z = jnp.clip(optax.apply_updates(z, u), 0.0, 1.0)
+    return np.asarray(z), jax.tree.map(np.asarray, h)
+
+
+def test_per_model_classifier_steps_follow_the_reference_loop(random_zoo):
+    """12 models in batches of 5 (a padded last batch), 2 epochs: the compiled step equals the plain loop."""
+    model, variables, labels = random_zoo
+    cfg = ulp.ULPConfig(n_patterns=2, epochs=2, batch_models=5, pattern_lr=0.5, classifier_lr=0.01, tv_weight=0.01)
+    res = ulp.train_ulp(model, variables, labels, variables, labels, SHAPE, 10, cfg)
+    # train_ulp keeps its best-validation epoch: run the loop for as many epochs
+    z, h = _reference_loop(model, variables, labels, dataclasses_replace(cfg, epochs=res.best_epoch), SHAPE, 10)
+    assert not np.allclose(res.patterns, jax.random.uniform(jax.random.split(jax.random.key(0))[0], (2, *SHAPE)))
+    np.testing.assert_allclose(res.patterns, z, atol=1e-5)
+    np.testing.assert_allclose(res.classifier["kernel"], h["kernel"], atol=1e-5)
+
+
+ULP_SHARDED_SCRIPT = r"""
+import json, os, sys
+os.environ["BDJAX_CPU_DEVICES"] = "4"
+sys.path.insert(0, sys.argv[1])
+import bdjax, jax, numpy as np, optax
+assert jax.device_count() == 4, jax.devices()
+from bdjax.defenses import ulp
+from bdjax.models import get_model
+from bdjax.zoo import population as pop
+from bdjax.zoo.plan import ModelRecord
+shape = (8, 8, 1)
+model = get_model("mnist_cnn", 10, width=4, hidden=8)
+recs = [ModelRecord(index=i, poisoned=bool(i % 2), seed=7 + i, trigger="t", trigger_id=0, source=0, target=1,
+                    corner="top_left") for i in range(8)]
+states = pop.init_population(model, optax.sgd(0.1), pop.tasks_from_records(recs, shape, (2, 2)), shape)
+v = jax.device_get({"params": states.params})
+y = np.array([r.poisoned for r in recs], np.int32)
+cfg = ulp.ULPConfig(n_patterns=2, epochs=3, batch_models=4, pattern_lr=0.5, classifier_lr=0.01)
+assert pop.model_mesh(4) is not None
+sharded = ulp.train_ulp(model, v, y, v, y, shape, 10, cfg)
+pop.model_mesh = lambda n: None
+ulp._compiled.cache_clear()
+single = ulp.train_ulp(model, v, y, v, y, shape, 10, cfg)
+print(json.dumps({"z": float(np.max(np.abs(sharded.patterns - single.patterns))),
+                  "h": float(np.max(np.abs(sharded.classifier["kernel"] - single.classifier["kernel"]))),
+                  "same_history": sharded.history == single.history}))
+"""
+
+
+def test_ulp_sharded_over_4_simulated_devices_equals_one_device():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BDJAX_PROGRESS": "0"}
+    r = subprocess.run([sys.executable, "-c", ULP_SHARDED_SCRIPT, str(root)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["z"] < 1e-5 and out["h"] < 1e-5 and out["same_history"], out

@@ -7,15 +7,19 @@ model f from a clean one, over a zoo of labelled models:
 
 g concatenates the M logit vectors ("concat", the CIFAR-10 / MNIST / GTSRB code) or averages them ("avg", the
 Tiny-ImageNet variant). As the reference: patterns start uniform over the input range and follow plain SGD
-with a very large learning rate, h follows Adam (1e-3); patterns are clipped to the input range after each step;
-the epoch with the best validation accuracy is kept.
+with a very large learning rate, one step per batch of models on the mean gradient; h follows Adam (1e-3) with
+one step per model (the reference loops over models one at a time), each model's loss taken with h before its
+own step; patterns are clipped to the input range after each step; the epoch with the best validation
+accuracy is kept. `classifier_steps="per_batch"` makes h take one step per batch instead.
 
 Units: bdjax models take inputs in [0, 1], the reference feeds 0..255. SGD on z/255 with lr' = lr / 255**2 is the
 same trajectory as SGD on z with lr, so `pattern_lr` defaults to 1e3 / 255**2. TV is the anisotropic L1 total
 variation; TV(z) = 255 TV(z/255), so `tv_weight` defaults to 1e-6 * 255.
 
 All models of a batch go through one compiled step (bdjax.zoo.population.over_models, vmap by default, see
-`ulp_mode`), with the model axis sharded over the devices and the gradients summed across them.
+`ulp_mode`): the forward pass of the batch's models runs at once, with the model axis sharded over the devices,
+the per-model classifier steps run as a scan over the (small) logit features, and one backward pass through
+all models gives the pattern gradient.
 """
 from __future__ import annotations
 
@@ -34,24 +38,30 @@ from bdjax.errors import ConfigError
 from bdjax.zoo import population as pop
 
 POOLINGS = ("concat", "avg")
+FEATURES = ("logits", "log_softmax")
+CLASSIFIER_STEPS = ("per_model", "per_batch")
 
 
 @dataclasses.dataclass(frozen=True)
 class ULPConfig:
     n_patterns: int = 10  # M
     pooling: str = "concat"  # concat | avg
+    features: str = "logits"  # logits (the reference) | log_softmax (each pattern's logits minus their logsumexp)
     epochs: int = 1000
     batch_models: int = 50  # models per step
     pattern_lr: float = 1e3 / 255**2
     classifier_lr: float = 1e-3
+    classifier_steps: str = "per_model"  # per_model (the reference: one Adam step per model) | per_batch
     tv_weight: float = 1e-6 * 255
     mode: str = "auto"  # auto | vmap | map
     seed: int = 0
 
     def validate(self) -> "ULPConfig":
         checks = [(self.n_patterns >= 1, "n_patterns", ">= 1"), (self.pooling in POOLINGS, "pooling", "concat or avg"),
+                  (self.features in FEATURES, "features", "logits or log_softmax"),
                   (self.epochs >= 1, "epochs", ">= 1"), (self.batch_models >= 1, "batch_models", ">= 1"),
                   (self.pattern_lr > 0, "pattern_lr", "> 0"), (self.classifier_lr > 0, "classifier_lr", "> 0"),
+                  (self.classifier_steps in CLASSIFIER_STEPS, "classifier_steps", "per_model or per_batch"),
                   (self.tv_weight >= 0, "tv_weight", ">= 0"), (self.mode in ("auto",) + pop.MODES, "mode", "auto, vmap or map")]
         for ok, field, expected in checks:
             if not ok:
@@ -64,8 +74,16 @@ def total_variation(z: jax.Array) -> jax.Array:
     return jnp.abs(jnp.diff(z, axis=1)).sum() + jnp.abs(jnp.diff(z, axis=2)).sum()
 
 
-def pool_logits(logits: jax.Array, pooling: str) -> jax.Array:
-    """(models, M, K) -> (models, M*K) for concat, (models, K) for avg."""
+def pool_logits(logits: jax.Array, pooling: str, features: str = "logits") -> jax.Array:
+    """(models, M, K) -> (models, M*K) for concat, (models, K) for avg.
+
+    features="log_softmax" first subtracts each pattern's logsumexp. Independently trained models put their
+    logits at arbitrary offsets that carry no class information (softmax ignores them), and a linear h over so
+    few models cannot learn to ignore them: on a small MNIST zoo, fixed litmus images (digits with triggers in the
+    corners) + logistic regression gave test AUC 0.67 on raw logits and 1.00 on log-softmax (see
+    experiments/ulp_mnist.py)."""
+    if features == "log_softmax":
+        logits = jax.nn.log_softmax(logits, axis=-1)
     return logits.reshape(logits.shape[0], -1) if pooling == "concat" else logits.mean(axis=1)
 
 
@@ -80,7 +98,8 @@ class ULPResult:
     wall_s: float
 
     def summary(self) -> dict:
-        return {"M": self.config.n_patterns, "pooling": self.config.pooling, "best_epoch": self.best_epoch,
+        return {"M": self.config.n_patterns, "pooling": self.config.pooling, "features": self.config.features,
+                "best_epoch": self.best_epoch,
                 "val_acc": self.val_acc, "epochs": self.config.epochs, "ulp_wall_s": self.wall_s}
 
 
@@ -109,46 +128,62 @@ def _compiled(model, cfg: ULPConfig, mesh):
     tx_z = optax.sgd(cfg.pattern_lr)
     tx_h = optax.adam(cfg.classifier_lr)
 
+    def logits_sharded(variables, z):
+        return logits_of(variables, z)
+
+    if mesh is not None:  # each device runs its slice of the model batch; the features come back whole
+        logits_sharded = jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()), out_specs=P(pop.AXIS))
+
     def features(variables, z):
-        return pool_logits(logits_of(variables, z), cfg.pooling)
+        return pool_logits(logits_sharded(variables, z), cfg.pooling, cfg.features)
 
-    def local_loss(theta, variables, y, valid):
-        z, h = theta
-        f = features(variables, z)
+    def model_loss(h, f, y):
+        return optax.softmax_cross_entropy_with_integer_labels(f @ h["kernel"] + h["bias"], y)
+
+    def classifier_per_model(h, opt_h, f, y, valid):
+        """The reference's classifier schedule: one Adam step per model, in batch order, each model's loss
+        taken with h before its own step. Returns the updated h and every model's d loss / d features."""
+        def one(carry, inputs):
+            h, opt_h = carry
+            f_n, y_n, valid_n = inputs
+            loss, (g_h, g_f) = jax.value_and_grad(model_loss, argnums=(0, 1))(h, f_n, y_n)
+            u, new_opt = tx_h.update(g_h, opt_h, h)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(valid_n, a, b), new, old)
+            carry = keep((optax.apply_updates(h, u), new_opt), (h, opt_h))
+            return carry, (jnp.where(valid_n, loss, 0.0), jnp.where(valid_n, g_f, 0.0),
+                           (jnp.argmax(f_n @ h["kernel"] + h["bias"]) == y_n) & valid_n)
+        (h, opt_h), (losses, g_f, correct) = jax.lax.scan(one, (h, opt_h), (f, y, valid))
+        return h, opt_h, losses, g_f, correct
+
+    def classifier_per_batch(h, opt_h, f, y, valid):
+        """One Adam step on the batch mean: fewer, smoother classifier steps."""
+        n = jnp.maximum(valid.sum(), 1)
+        batch_loss = lambda h, f: jnp.sum(jnp.where(valid, jax.vmap(model_loss, (None, 0, 0))(h, f, y), 0.0)) / n
+        (g_h, g_f) = jax.grad(batch_loss, argnums=(0, 1))(h, f)
+        u, opt_h_new = tx_h.update(g_h, opt_h, h)
         out = f @ h["kernel"] + h["bias"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(out, y)
-        correct = (jnp.argmax(out, -1) == y) & valid
-        return jnp.sum(jnp.where(valid, ce, 0.0)), correct.sum()
+        losses = jnp.where(valid, jax.vmap(model_loss, (None, 0, 0))(h, f, y), 0.0)
+        return optax.apply_updates(h, u), opt_h_new, losses, g_f * n, (jnp.argmax(out, -1) == y) & valid
 
-    def local_grads(theta, variables, y, valid):
-        (ce_sum, correct), grads = jax.value_and_grad(local_loss, has_aux=True)(theta, variables, y, valid)
-        if mesh is not None:  # each device holds a slice of the model batch
-            ce_sum, correct, grads = jax.lax.psum((ce_sum, correct, grads), pop.AXIS)
-        return ce_sum, correct, grads
-
-    if mesh is not None:
-        local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(pop.AXIS), P(pop.AXIS), P(pop.AXIS)),
-                                    out_specs=(P(), P(), P()))
+    update_classifier = classifier_per_model if cfg.classifier_steps == "per_model" else classifier_per_batch
 
     def step(theta, opt, variables, y, valid):
-        ce_sum, correct, grads = local_grads(theta, variables, y, valid)
-        n = jnp.maximum(valid.sum(), 1)
         z, h = theta
-        g_tv = jax.grad(total_variation)(z)
-        g_z = grads[0] / n + cfg.tv_weight * g_tv
-        g_h = jax.tree.map(lambda g: g / n, grads[1])
+        n = jnp.maximum(valid.sum(), 1)
+        f, pull_back = jax.vjp(lambda z: features(variables, z), z)
+        h, opt_h, losses, g_f, correct = update_classifier(h, opt[1], f, y, valid)
+        # patterns: the mean over the batch's models of d loss_n / d z, plus the TV regulariser
+        (g_z,) = pull_back(g_f / n)
+        g_z = g_z + cfg.tv_weight * jax.grad(total_variation)(z)
         uz, oz = tx_z.update(g_z, opt[0], z)
-        uh, oh = tx_h.update(g_h, opt[1], h)
         z = jnp.clip(optax.apply_updates(z, uz), 0.0, 1.0)
-        return (z, optax.apply_updates(h, uh)), (oz, oh), ce_sum / n, correct
+        return (z, h), (oz, opt_h), losses.sum() / n, correct.sum()
 
     def scores(theta, variables):
         z, h = theta
         out = features(variables, z) @ h["kernel"] + h["bias"]
         return jax.nn.softmax(out, -1)[:, 1]
 
-    if mesh is not None:
-        scores = jax.shard_map(scores, mesh=mesh, in_specs=(P(), P(pop.AXIS)), out_specs=P(pop.AXIS))
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(scores), tx_z, tx_h
 
 
@@ -253,9 +288,9 @@ def evaluate_ulp(model, result: ULPResult, test_vars, test_labels) -> dict:
 
 
 def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, image_shape, *, n_patterns: int,
-                   seed: int = 0, mode: str = "auto", batch_models: int = 50) -> dict:
+                   seed: int = 0, mode: str = "auto", batch_models: int = 50, features: str = "logits") -> dict:
     """The reference's baseline: M uniform-noise images through every model, logistic regression (C=10) on the
-    concatenated logits; AUC on the test zoo."""
+    concatenated logits (or log-softmax, as ULP's `features`); AUC on the test zoo."""
     from sklearn.linear_model import LogisticRegression
 
     y_tr = _check_zoo("train", train_vars, train_labels)
@@ -267,7 +302,8 @@ def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, imag
                                                       out_specs=P(pop.AXIS))
     fn = jax.jit(fn)
 
-    feats = lambda variables: _over_zoo(lambda v: fn(v, z).reshape(batch_models, -1), variables, batch_models, mesh)
+    feats = lambda variables: _over_zoo(lambda v: pool_logits(fn(v, z), "concat", features), variables,
+                                        batch_models, mesh)
 
     clf = LogisticRegression(C=10.0, max_iter=5000).fit(feats(train_vars), y_tr)
     s = clf.predict_proba(feats(test_vars))[:, 1]
