@@ -109,7 +109,10 @@ def main(argv=None) -> int:
     lowest_true = prob[:, np.arange(len(z)), z_labels].min(1)
     result["lowest_true_class_prob_auc"] = roc_auc(-lowest_true, te_y.astype(bool))
     if args.oracle:
-        result["oracle_flip_auc"] = roc_auc(oracle_flip_rate(model, te_v, ds, pool), te_y.astype(bool))
+        flip = oracle_flip_rate(model, te_v, ds, pool)
+        result["oracle_flip_auc"] = roc_auc(flip, te_y.astype(bool))
+        result["oracle_flip_mean_clean"] = float(flip[te_y == 0].mean())
+        result["oracle_flip_mean_poisoned"] = float(flip[te_y == 1].mean())
     for k, v in result.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     print(json.dumps(result))
