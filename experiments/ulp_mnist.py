@@ -15,7 +15,7 @@ Scales:
   keep-filters clean accuracy >= 0.8 and ASR >= 0.9; ULP 150 epochs with the reference's optimisers and learning
   rates, on log-softmax features (`ulp.features=log_softmax`): a linear h on raw logits could not separate this
   zoo even from good fixed litmus images (digits with train triggers in the corners + logistic regression: test
-  AUC 0.67 on logits, 1.00 on log-softmax), and ULP on logits stayed near chance (test AUC 0.44-0.65); the noise baseline
+  AUC 0.65 on logits, 1.00 on log-softmax: scripts/ulp_feature_probe.py), and ULP on logits stayed near chance (test AUC 0.44-0.65); the noise baseline
   uses the same features. Neural Cleanse on 10 + 10 test models with a cut budget.
 - full: mnist_cnn (32/64 filters, 128 hidden), 10 epochs on all 60000 images; zoo 500 + 500, test zoo
   100 + 100; keep-filters 0.95 / 0.9; ULP 1000 epochs; Neural Cleanse with the official budget on every test model.

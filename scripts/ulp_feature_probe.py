@@ -53,11 +53,11 @@ def litmus_images(ds, pool, per_class: int = 2):
     return jnp.stack(xs), np.array(ys)
 
 
-def outputs(model, variables, z, batch: int = 10) -> np.ndarray:
-    """(models, images, classes) logits."""
-    fn = jax.jit(jax.vmap(lambda v, z: model.apply(v, z, train=False), (0, None)))
+def per_model(model, variables, x, batch: int, out=lambda logits: logits) -> np.ndarray:
+    """out(logits) of every zoo model on the images x, `batch` models at a time (rows: models)."""
+    fn = jax.jit(jax.vmap(lambda v, x: out(model.apply(v, x, train=False)), (0, None)))
     n = jax.tree.leaves(variables)[0].shape[0]
-    return np.concatenate([np.asarray(fn(jax.tree.map(lambda a: a[i:i + batch], variables), z))
+    return np.concatenate([np.asarray(fn(jax.tree.map(lambda a: a[i:i + batch], variables), x))
                            for i in range(0, n, batch)])
 
 
@@ -72,12 +72,8 @@ def oracle_flip_rate(model, variables, ds, pool, per_class: int = 20, batch: int
         for corner in plan.CORNERS:
             r, c = T.corner_position(ds.image_shape, trig, corner)
             stamped.append(T.apply_batch(xs, trig, jnp.full(len(xs), r), jnp.full(len(xs), c)))
-    stamped = jnp.concatenate(stamped)
-    fn = jax.jit(jax.vmap(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1), (0, None)))
-    n = jax.tree.leaves(variables)[0].shape[0]
-    preds = np.concatenate([np.asarray(fn(jax.tree.map(lambda a: a[i:i + batch], variables), stamped))
-                            for i in range(0, n, batch)])
-    flips = preds.reshape(n, -1, ds.num_classes, per_class) != ys.reshape(ds.num_classes, per_class)
+    preds = per_model(model, variables, jnp.concatenate(stamped), batch, out=lambda logits: jnp.argmax(logits, -1))
+    flips = preds.reshape(len(preds), -1, ds.num_classes, per_class) != ys.reshape(ds.num_classes, per_class)
     return flips.mean(-1).max(axis=(1, 2))
 
 
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
 
     from sklearn.linear_model import LogisticRegression
 
-    out_tr, out_te = outputs(model, tr_v, z), outputs(model, te_v, z)
+    out_tr, out_te = per_model(model, tr_v, z, 10), per_model(model, te_v, z, 10)
     result = {"run": str(run), "n_train_models": int(len(tr_y)), "n_test_models": int(len(te_y)),
               "n_litmus_images": int(len(z))}
     for features in ("logits", "log_softmax"):

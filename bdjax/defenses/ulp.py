@@ -79,9 +79,9 @@ def pool_logits(logits: jax.Array, pooling: str, features: str = "logits") -> ja
 
     features="log_softmax" first subtracts each pattern's logsumexp. Independently trained models put their
     logits at arbitrary offsets that carry no class information (softmax ignores them), and a linear h over so
-    few models cannot learn to ignore them: on a small MNIST zoo, fixed litmus images (digits with triggers in the
-    corners) + logistic regression gave test AUC 0.67 on raw logits and 1.00 on log-softmax (see
-    experiments/ulp_mnist.py)."""
+    few models cannot learn to ignore them: on the small MNIST zoo, fixed litmus images (digits with triggers in the
+    corners) + logistic regression give test AUC 0.65 on raw logits and 1.00 on log-softmax
+    (scripts/ulp_feature_probe.py)."""
     if features == "log_softmax":
         logits = jax.nn.log_softmax(logits, axis=-1)
     return logits.reshape(logits.shape[0], -1) if pooling == "concat" else logits.mean(axis=1)
@@ -120,25 +120,31 @@ def ulp_mode(mode: str) -> str:
     return "vmap" if mode == "auto" else pop.check_mode(mode)
 
 
+def _zoo_logits(model, mode: str, mesh):
+    """(stacked models, images) -> (models, images, classes) logits; with a mesh, each device runs its slice of
+    the model batch and the logits come back whole."""
+    logits_of = pop.over_models(lambda v, z: model.apply(v, z, train=False), ulp_mode(mode), 1)
+    if mesh is None:
+        return logits_of
+    return jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()), out_specs=P(pop.AXIS))
+
+
+def _head(h, f):
+    return f @ h["kernel"] + h["bias"]
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(model, cfg: ULPConfig, mesh):
-    mode = ulp_mode(cfg.mode)
-    apply_one = lambda v, z: model.apply(v, z, train=False)
-    logits_of = pop.over_models(apply_one, mode, 1)
+    logits_of = _zoo_logits(model, cfg.mode, mesh)
     tx_z = optax.sgd(cfg.pattern_lr)
     tx_h = optax.adam(cfg.classifier_lr)
 
-    def logits_sharded(variables, z):
-        return logits_of(variables, z)
-
-    if mesh is not None:  # each device runs its slice of the model batch; the features come back whole
-        logits_sharded = jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()), out_specs=P(pop.AXIS))
-
     def features(variables, z):
-        return pool_logits(logits_sharded(variables, z), cfg.pooling, cfg.features)
+        return pool_logits(logits_of(variables, z), cfg.pooling, cfg.features)
 
     def model_loss(h, f, y):
-        return optax.softmax_cross_entropy_with_integer_labels(f @ h["kernel"] + h["bias"], y)
+        out = _head(h, f)
+        return optax.softmax_cross_entropy_with_integer_labels(out, y), jnp.argmax(out, -1) == y
 
     def classifier_per_model(h, opt_h, f, y, valid):
         """The reference's classifier schedule: one Adam step per model, in batch order, each model's loss
@@ -146,24 +152,25 @@ def _compiled(model, cfg: ULPConfig, mesh):
         def one(carry, inputs):
             h, opt_h = carry
             f_n, y_n, valid_n = inputs
-            loss, (g_h, g_f) = jax.value_and_grad(model_loss, argnums=(0, 1))(h, f_n, y_n)
+            (loss, correct), (g_h, g_f) = jax.value_and_grad(model_loss, argnums=(0, 1), has_aux=True)(h, f_n, y_n)
             u, new_opt = tx_h.update(g_h, opt_h, h)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(valid_n, a, b), new, old)
             carry = keep((optax.apply_updates(h, u), new_opt), (h, opt_h))
-            return carry, (jnp.where(valid_n, loss, 0.0), jnp.where(valid_n, g_f, 0.0),
-                           (jnp.argmax(f_n @ h["kernel"] + h["bias"]) == y_n) & valid_n)
+            return carry, (jnp.where(valid_n, loss, 0.0), jnp.where(valid_n, g_f, 0.0), correct & valid_n)
         (h, opt_h), (losses, g_f, correct) = jax.lax.scan(one, (h, opt_h), (f, y, valid))
         return h, opt_h, losses, g_f, correct
 
     def classifier_per_batch(h, opt_h, f, y, valid):
         """One Adam step on the batch mean: fewer, smoother classifier steps."""
+        def total(h, f):
+            losses, correct = jax.vmap(model_loss, (None, 0, 0))(h, f, y)
+            losses = jnp.where(valid, losses, 0.0)
+            return losses.sum(), (losses, correct & valid)
+
+        (_, (losses, correct)), (g_h, g_f) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(h, f)
         n = jnp.maximum(valid.sum(), 1)
-        batch_loss = lambda h, f: jnp.sum(jnp.where(valid, jax.vmap(model_loss, (None, 0, 0))(h, f, y), 0.0)) / n
-        (g_h, g_f) = jax.grad(batch_loss, argnums=(0, 1))(h, f)
-        u, opt_h_new = tx_h.update(g_h, opt_h, h)
-        out = f @ h["kernel"] + h["bias"]
-        losses = jnp.where(valid, jax.vmap(model_loss, (None, 0, 0))(h, f, y), 0.0)
-        return optax.apply_updates(h, u), opt_h_new, losses, g_f * n, (jnp.argmax(out, -1) == y) & valid
+        u, opt_h = tx_h.update(jax.tree.map(lambda g: g / n, g_h), opt_h, h)
+        return optax.apply_updates(h, u), opt_h, losses, g_f, correct
 
     update_classifier = classifier_per_model if cfg.classifier_steps == "per_model" else classifier_per_batch
 
@@ -181,8 +188,7 @@ def _compiled(model, cfg: ULPConfig, mesh):
 
     def scores(theta, variables):
         z, h = theta
-        out = features(variables, z) @ h["kernel"] + h["bias"]
-        return jax.nn.softmax(out, -1)[:, 1]
+        return jax.nn.softmax(_head(h, features(variables, z)), -1)[:, 1]
 
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(scores), tx_z, tx_h
 
@@ -297,11 +303,7 @@ def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, imag
     y_te = _check_zoo("test", test_vars, test_labels)
     z = jax.random.uniform(jax.random.key(seed), (n_patterns, *image_shape))
     mesh = pop.model_mesh(batch_models)
-    logits_of = pop.over_models(lambda v, z: model.apply(v, z, train=False), ulp_mode(mode), 1)
-    fn = logits_of if mesh is None else jax.shard_map(logits_of, mesh=mesh, in_specs=(P(pop.AXIS), P()),
-                                                      out_specs=P(pop.AXIS))
-    fn = jax.jit(fn)
-
+    fn = jax.jit(_zoo_logits(model, mode, mesh))
     feats = lambda variables: _over_zoo(lambda v: pool_logits(fn(v, z), "concat", features), variables,
                                         batch_models, mesh)
 
