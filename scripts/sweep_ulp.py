@@ -1,16 +1,16 @@
-"""ULP sweep over pattern learning rates and feature maps on the zoos of an existing ULP run (no zoo is retrained).
+"""ULP sweep over any `ulp.*` fields on the zoos of an existing ULP run (no zoo is retrained).
 
-    python scripts/sweep_ulp.py --run runs/ulp_mnist --M 10 --epochs 150 --pattern-lrs 0.0154,1,10 \
-        --features logits,log_softmax
+    python scripts/sweep_ulp.py --run runs/ulp_mnist ulp.n_patterns=10 ulp.pattern_lr=0.0154,1,10 \
+        ulp.features=logits,log_softmax
 
-For each (features, pattern learning rate): meta-train on the run's train zoo (same train/val split as the run),
-keep the best val epoch, print the test-zoo AUC. The classifier keeps the run's learning rate unless
---classifier-lr is given. The last line is one JSON object {"features/pattern_lr": test AUC}.
+Each argument is `ulp.field=v1,v2,...`; every combination is meta-trained on the run's train zoo (same
+train/val split as the run, best val epoch kept) and its test-zoo AUC printed. Fields not named keep the run's
+values (M defaults to 10). The last line is one JSON object with a row per combination.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
 import json
 import os
 import time
@@ -18,45 +18,51 @@ from pathlib import Path
 
 os.environ.setdefault("BDJAX_PROGRESS", "0")
 
-from bdjax.config import from_dict  # noqa: E402
+from bdjax.config import apply_overrides, from_dict  # noqa: E402
 from bdjax.data import load_dataset  # noqa: E402
 from bdjax.defenses import ulp  # noqa: E402
+from bdjax.errors import ConfigError  # noqa: E402
 from bdjax.models import get_model  # noqa: E402
 from bdjax.pipelines import ulp as pipe  # noqa: E402
 from bdjax.zoo.store import ZooStore  # noqa: E402
 
 
+def grid(items: list[str]) -> list[list[str]]:
+    """['ulp.a=1,2', 'ulp.b=x'] -> [['ulp.a=1', 'ulp.b=x'], ['ulp.a=2', 'ulp.b=x']]."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.startswith("ulp."):
+            raise ConfigError(f"sweep argument {item!r} must look like ulp.field=v1,v2")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a run folder of bdjax.pipelines.ulp (config.json, zoo_train/, zoo_test/)")
-    ap.add_argument("--M", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--pattern-lrs", default="0.0154,1,10,100")
-    ap.add_argument("--features", default=None, help="comma-separated: logits, log_softmax (default: the run's)")
-    ap.add_argument("--classifier-lr", type=float, default=None, help="default: the run's")
+    ap.add_argument("fields", nargs="*", help="ulp.field=v1,v2,... (e.g. ulp.pattern_lr=1,10)")
     args = ap.parse_args()
     run = Path(args.run)
-    cfg = from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text()))
-    ds = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
-    model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
+    base = apply_overrides(from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text())),
+                           ["ulp.n_patterns=10"])
+    combos = [apply_overrides(base, c).ulp.validate() for c in grid(args.fields)]  # every typo before any training
+
+    ds = load_dataset(base.data.dataset, data_root=base.data.data_root)
+    model = get_model(base.train.model, ds.num_classes, **base.train.model_kwargs())
     tr_all, tr_lab, _ = pipe._kept(ZooStore.open(run / "zoo_train"))
     te_v, te_y, _ = pipe._kept(ZooStore.open(run / "zoo_test"))
-    i_tr, i_va = pipe.split_train_val(tr_lab, cfg.val_fraction, cfg.seed)
-    out = {}
-    classifier_lr = args.classifier_lr or cfg.ulp.classifier_lr
-    grid = [(f, float(lr)) for f in (args.features or cfg.ulp.features).split(",") for lr in args.pattern_lrs.split(",")]
-    for features, lr in grid:
-        ucfg = dataclasses.replace(cfg.ulp, n_patterns=args.M, epochs=args.epochs, pattern_lr=lr, features=features,
-                                   classifier_lr=classifier_lr, seed=cfg.seed).validate()
+    i_tr, i_va = pipe.split_train_val(tr_lab, base.val_fraction, base.seed)
+    rows = []
+    for c, ucfg in zip(grid(args.fields), combos):
         t0 = time.time()
-        res = ulp.train_ulp(model, pipe._select(tr_all, i_tr), tr_lab[i_tr], pipe._select(tr_all, i_va), tr_lab[i_va],
-                            ds.image_shape, ds.num_classes, ucfg)
+        res = ulp.train_ulp(model, pipe._select(tr_all, i_tr), tr_lab[i_tr], pipe._select(tr_all, i_va),
+                            tr_lab[i_va], ds.image_shape, ds.num_classes, ucfg)
         auc = ulp.evaluate_ulp(model, res, te_v, te_y)["auc"]
-        out[f"{features}/{lr}"] = round(auc, 4)
-        print(f"{features}, pattern_lr={lr}: best epoch {res.best_epoch}, val acc {res.val_acc:.3f}, "
-              f"last train acc {res.history[-1]['train_acc']:.3f}, test AUC {auc:.3f} ({time.time() - t0:.0f} s)",
-              flush=True)
-    print(json.dumps({"M": args.M, "epochs": args.epochs, "classifier_lr": classifier_lr, "test_auc": out}))
+        rows.append({"set": c, "best_epoch": res.best_epoch, "val_acc": round(res.val_acc, 4), "test_auc": round(auc, 4)})
+        print(f"{' '.join(c) or '(run config)'}: best epoch {res.best_epoch}, val acc {res.val_acc:.3f}, "
+              f"test AUC {auc:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    print(json.dumps({"run": str(run), "M": base.ulp.n_patterns, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,16 @@ def test_patterns_move_and_the_tv_term_smooths_them(random_zoo):
     assert float(ulp.total_variation(jnp.asarray(smooth.patterns))) < float(ulp.total_variation(jnp.asarray(plain.patterns)))
 
 
+def test_init_patterns_start_the_search_and_are_checked(random_zoo):
+    model, variables, labels = random_zoo
+    init = np.full((1, *SHAPE), 0.5, np.float32)
+    cfg = ulp.ULPConfig(n_patterns=1, epochs=1, batch_models=4, pattern_lr=1e-9)
+    res = ulp.train_ulp(model, variables, labels, variables, labels, SHAPE, 10, cfg, init_patterns=init)
+    np.testing.assert_allclose(res.patterns, init, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"init_patterns must be \(1, 8, 8, 1\) with values in \[0, 1\]"):
+        ulp.train_ulp(model, variables, labels, variables, labels, SHAPE, 10, cfg, init_patterns=init * 3)
+
+
 def dataclasses_replace(cfg, **kw):
     import dataclasses
 

@@ -217,8 +217,9 @@ def ulp_scores(model, result: "ULPResult", variables, *, batch_models: int | Non
 
 
 def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape, num_classes: int,
-              cfg: ULPConfig = ULPConfig(), *, progress: bool = False) -> ULPResult:
-    """Meta-train litmus patterns and the classifier on a train zoo; keep the best epoch on the val zoo."""
+              cfg: ULPConfig = ULPConfig(), *, init_patterns=None, progress: bool = False) -> ULPResult:
+    """Meta-train litmus patterns and the classifier on a train zoo; keep the best epoch on the val zoo.
+    init_patterns: (M, H, W, C) starting patterns in [0, 1]; default uniform noise, as the reference."""
     cfg.validate()
     y_tr = _check_zoo("train", train_vars, train_labels)
     y_val = _check_zoo("val", val_vars, val_labels)
@@ -228,6 +229,12 @@ def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape
     step, scores, tx_z, tx_h = _compiled(model, cfg, mesh)
     key_z, key_h = jax.random.split(jax.random.key(cfg.seed))
     z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape))
+    if init_patterns is not None:
+        init = np.asarray(init_patterns, np.float32)
+        if init.shape != z.shape or init.min() < 0 or init.max() > 1:
+            raise ConfigError(f"ulp init_patterns must be {z.shape} with values in [0, 1], got {init.shape} "
+                              f"in [{init.min():.3g}, {init.max():.3g}]")
+        z = jnp.asarray(init)
     d = cfg.n_patterns * num_classes if cfg.pooling == "concat" else num_classes
     # PyTorch nn.Linear's default init, as the reference's classifier
     lim = 1.0 / np.sqrt(d)
