@@ -2,13 +2,13 @@
 
     python scripts/ulp_feature_probe.py --run runs/ulp_mnist [--oracle]
 
-The litmus images are fixed, not learned: for every class, a real test image of that class with train-pool
-triggers stamped in all 4 corners (2 images per class). Each zoo model's outputs on them are turned into
-features (raw logits, as the reference's h sees them, or log-softmax), a logistic regression is fitted on the
-train zoo, and its AUC on the test zoo (unseen triggers) is printed. A hand-made nonlinear score (the lowest
-true-class probability over the images) and the oracle flip rate (the largest share of a class that a stamped
-trigger flips, over triggers, corners and classes) bound what good litmus images can show. The last line is one
-JSON object.
+The litmus images are fixed, not learned: for every class, a real test image of that class with train-pool triggers
+stamped in all 4 corners (2 images per class). Each zoo model's outputs on them are turned into features (raw
+logits, as the reference's h sees them, or log-softmax), a logistic regression is fitted on the train zoo, and its
+AUC on the test zoo (unseen triggers) is printed. A hand-made nonlinear score (the lowest true-class probability
+over the images), the run's learned ULP patterns through the same logistic regression, and the oracle flip rate (the
+largest share of a class that a stamped trigger flips, over triggers, corners and classes) bound what good litmus
+images can show. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -96,11 +96,18 @@ def main(argv=None) -> int:
     out_tr, out_te = per_model(model, tr_v, z, 10), per_model(model, te_v, z, 10)
     result = {"run": str(run), "n_train_models": int(len(tr_y)), "n_test_models": int(len(te_y)),
               "n_litmus_images": int(len(z))}
-    for features in ("logits", "log_softmax"):
-        f_tr = np.asarray(pool_logits(jnp.asarray(out_tr), "concat", features))
-        f_te = np.asarray(pool_logits(jnp.asarray(out_te), "concat", features))
+    def linear_auc(out_tr, out_te, features):
+        f_tr, f_te = (np.asarray(pool_logits(jnp.asarray(o), "concat", features)) for o in (out_tr, out_te))
         clf = LogisticRegression(C=10.0, max_iter=5000).fit(f_tr, tr_y)
-        result[f"linear_auc_{features}"] = roc_auc(clf.predict_proba(f_te)[:, 1], te_y.astype(bool))
+        return roc_auc(clf.predict_proba(f_te)[:, 1], te_y.astype(bool))
+
+    for features in ("logits", "log_softmax"):
+        result[f"linear_auc_{features}"] = linear_auc(out_tr, out_te, features)
+    # the run's learned ULP patterns through the same logistic regression: separates the patterns from ULP's h
+    for saved in sorted((run / "ulp").glob("ulp_M*.npz")):
+        zl = jnp.asarray(np.load(saved)["patterns"])
+        result[f"learned_{saved.stem}_linear_auc"] = linear_auc(per_model(model, tr_v, zl, 10),
+                                                               per_model(model, te_v, zl, 10), cfg.ulp.features)
     prob = np.asarray(jax.nn.softmax(jnp.asarray(out_te), -1))
     lowest_true = prob[:, np.arange(len(z)), z_labels].min(1)
     result["lowest_true_class_prob_auc"] = roc_auc(-lowest_true, te_y.astype(bool))
