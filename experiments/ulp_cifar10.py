@@ -14,12 +14,11 @@ Scales:
   model (clean accuracy 0.42, against 0.36 for 2 epochs over 5000 images at Adam 5e-3, for 25 % more zoo time: ~105
   s per 20 models on an idle CPU); zoo 100 clean + 100 poisoned (80 % meta-train, 20 % meta-val), test zoo 30 + 30;
   keep-filters clean accuracy >= 0.3 and ASR >= 0.9; ULP 150 epochs on log-softmax features (why:
-  experiments/ulp_mnist.py), the reference's optimisers with pattern lr 10 and TV weight 0.255 (inputs in 0..1; the
-  reference's are 0.0154 and 0.000255), picked by a sweep on the previous small zoo (test AUC 0.816 at M = 10
-  against 0.657 with the reference's; python scripts/sweep_ulp.py --run RUN ulp.pattern_lr=10,30
-  ulp.tv_weight=0.0255,0.255); Neural Cleanse on 10 + 10 test models with a cut budget. This scale does NOT reach
-  the issue's AUC 0.9 (0.72 at M = 10, README): the detector generalises poorly from 160 weak models to unseen
-  coloured triggers.
+  experiments/ulp_mnist.py), the reference's optimisers and TV weight with pattern lr 1 (0..1 inputs; the
+  reference's is 0.0154), patterns started from clean images with the train pool's masks in the 4 corners
+  (ulp.init=stamped): from uniform noise (the reference) the patterns overfit the 10 seen masks, AUC 0.68-0.82 at M
+  = 10 over pattern lr and TV sweeps, against 0.946 stamped (README); Neural Cleanse on 10 + 10 test models with a
+  cut budget.
 - full: the reference (algorithms.md): ulp_cnn, Adam 1e-2, batch 64, 50 epochs on all 50000 images; keep-filters
   0.75 / 0.9; zoo 500 + 500 (400 + 400 train, 100 + 100 val), test zoo 100 + 100; ULP 1000 epochs; Neural
   Cleanse with the official budget on every test model.
@@ -35,7 +34,7 @@ SCALES = {
               "train.batch_size=32", "data.n_train=15000", "data.n_test=2000", "train.epochs=1", "zoo.n_clean=100",
               "zoo.n_poisoned=100",
               "zoo.chunk_size=20", "zoo.min_clean_acc=0.3", "test_zoo.n_clean=30", "test_zoo.n_poisoned=30",
-              "ulp.epochs=150", "ulp.features=log_softmax", "ulp.pattern_lr=10", "ulp.tv_weight=0.255",
+              "ulp.epochs=150", "ulp.features=log_softmax", "ulp.init=stamped", "ulp.pattern_lr=1",
               "baselines.nc_models=20", "baselines.nc_batch=32",
               "baselines.nc_steps_per_check=5", "baselines.nc_max_checks=40", "baselines.nc_images=1000"],
     "full": ["train.model=ulp_cnn", "train.lr=0.01", "train.epochs=50", "zoo.n_clean=500", "zoo.n_poisoned=500",

@@ -71,10 +71,24 @@ def test_nc_subset_takes_both_kinds():
     ("patterns=0", "patterns"),
     ("zoo.pool=test", "zoo.pool"),
     ("baselines.nc_images=4", "baselines.nc_images"),
+    ("ulp.init=noise", "init must be uniform or stamped"),
 ])
 def test_bad_config_is_one_clear_error(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         tiny_config(override).validate()
+
+
+def test_stamped_init_is_clean_images_with_train_triggers_in_the_corners():
+    from bdjax.data import load_dataset
+
+    ds = load_dataset("digits")
+    assert pipe.initial_patterns(tiny_config(), ds, 3) is None  # uniform, the reference
+    z = pipe.initial_patterns(tiny_config("ulp.init=stamped"), ds, 3)
+    assert z.shape == (3, *ds.image_shape) and z.min() >= 0 and z.max() <= 1
+    for m in range(3):
+        changed = ~np.isclose(z[m], ds.x_train[ds.y_train == m][0] / 255.0)
+        assert changed[:3, :3].any() and changed[-3:, -3:].any() and changed[:3, -3:].any() and changed[-3:, :3].any()
+        assert not changed[3:5, 3:5].any()  # the 3x3 triggers stay in the corners of the 8x8 digit
 
 
 def test_misspelled_field_is_rejected():

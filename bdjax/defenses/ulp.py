@@ -40,6 +40,7 @@ from bdjax.zoo import population as pop
 POOLINGS = ("concat", "avg")
 FEATURES = ("logits", "log_softmax")
 CLASSIFIER_STEPS = ("per_model", "per_batch")
+INITS = ("uniform", "stamped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,9 @@ class ULPConfig:
     classifier_steps: str = "per_model"  # per_model (the reference: one Adam step per model) | per_batch
     tv_weight: float = 1e-6 * 255
     mode: str = "auto"  # auto | vmap | map
+    # uniform (the reference) | stamped: clean images, one per class in turn, with the train pool's triggers in all 4
+    # corners (bdjax.pipelines.ulp builds them); on the CIFAR-10 small zoo uniform starts overfit the 10 seen masks
+    init: str = "uniform"
     seed: int = 0
 
     def validate(self) -> "ULPConfig":
@@ -62,11 +66,23 @@ class ULPConfig:
                   (self.epochs >= 1, "epochs", ">= 1"), (self.batch_models >= 1, "batch_models", ">= 1"),
                   (self.pattern_lr > 0, "pattern_lr", "> 0"), (self.classifier_lr > 0, "classifier_lr", "> 0"),
                   (self.classifier_steps in CLASSIFIER_STEPS, "classifier_steps", "per_model or per_batch"),
-                  (self.tv_weight >= 0, "tv_weight", ">= 0"), (self.mode in ("auto",) + pop.MODES, "mode", "auto, vmap or map")]
+                  (self.tv_weight >= 0, "tv_weight", ">= 0"), (self.mode in ("auto",) + pop.MODES, "mode", "auto, vmap or map"),
+                  (self.init in INITS, "init", "uniform or stamped")]
         for ok, field, expected in checks:
             if not ok:
                 raise ConfigError(f"ulp {field} must be {expected}, got {getattr(self, field)!r}")
         return self
+
+
+def stamped_images(images: np.ndarray, labels: np.ndarray, num_classes: int, triggers: list, stamp, n: int) -> np.ndarray:
+    """n starting patterns for ulp.init=stamped: pattern m is the (m // K)-th image of class m % K (K classes) with
+    trigger (m % K + m // K) of the list stamped by stamp(x, trigger) (e.g. in every corner); images in [0, 1]."""
+    out = []
+    for m in range(n):
+        c, k = m % num_classes, m // num_classes
+        x = np.asarray(images[np.flatnonzero(labels == c)[k]], np.float32) / 255.0
+        out.append(np.asarray(stamp(jnp.asarray(x), triggers[(c + k) % len(triggers)])))
+    return np.stack(out)
 
 
 def total_variation(z: jax.Array) -> jax.Array:
@@ -99,6 +115,7 @@ class ULPResult:
 
     def summary(self) -> dict:
         return {"M": self.config.n_patterns, "pooling": self.config.pooling, "features": self.config.features,
+                "init": self.config.init,
                 "best_epoch": self.best_epoch,
                 "val_acc": self.val_acc, "epochs": self.config.epochs, "ulp_wall_s": self.wall_s}
 

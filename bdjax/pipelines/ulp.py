@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bdjax import runtime
+from bdjax import runtime, triggers
 from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
 from bdjax.defenses import neural_cleanse as nc
 from bdjax.defenses import ulp
@@ -34,7 +34,8 @@ from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.results import RunDir, write_json
 from bdjax.train.loop import progress_enabled
-from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo
+from bdjax.zoo.plan import CORNERS
+from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo, trigger_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +138,29 @@ class _Steps:
         write_json(self.root / f"{name}.json", value)
 
 
-def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, shape, num_classes, run: RunDir, steps: _Steps):
+def initial_patterns(cfg: ULPExperimentConfig, ds, m: int):
+    """ulp.init=stamped: m clean training images with the train pool's triggers in all 4 corners (None: uniform)."""
+    if cfg.ulp.init == "uniform":
+        return None
+    pool = trigger_pool(cfg.zoo_config("train"), ds.image_shape[-1])
+
+    def stamp(x, trigger):
+        for corner in CORNERS:
+            x = triggers.apply(x, trigger, *triggers.corner_position(ds.image_shape, trigger, corner))
+        return x
+
+    return ulp.stamped_images(ds.x_train, ds.y_train, ds.num_classes,
+                              [pool.trigger(t) for t in range(len(pool.names))], stamp, m)
+
+
+def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, ds, run: RunDir, steps: _Steps):
     done = steps.get(f"ulp_M{m}")
     if done is not None:
         return done
     (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = zoos
     ucfg = dataclasses.replace(cfg.ulp, n_patterns=m, seed=cfg.seed)
-    res = ulp.train_ulp(model, tr_v, tr_y, va_v, va_y, shape, num_classes, ucfg, progress=True)
+    res = ulp.train_ulp(model, tr_v, tr_y, va_v, va_y, ds.image_shape, ds.num_classes, ucfg,
+                        init_patterns=initial_patterns(cfg, ds, m), progress=True)
     ev = ulp.evaluate_ulp(model, res, te_v, te_y)
     np.savez(steps.root / f"ulp_M{m}.npz", patterns=res.patterns, kernel=res.classifier["kernel"],
              bias=res.classifier["bias"], test_scores=ev["scores"])
@@ -237,7 +254,7 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
     steps = _Steps(run.path / "ulp")
     rows = []
     for m in cfg.patterns:
-        rows.append(_ulp_row(model, cfg, m, zoos, ds.image_shape, ds.num_classes, run, steps))
+        rows.append(_ulp_row(model, cfg, m, zoos, ds, run, steps))
         if cfg.baselines.noise:
             rows.append(_noise_row(model, cfg, m, zoos, ds.image_shape, steps))
     if cfg.baselines.neural_cleanse:
