@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from bdjax import triggers as T  # noqa: E402
 from bdjax.config import from_dict  # noqa: E402
 from bdjax.defenses.metrics import roc_auc  # noqa: E402
+from bdjax.defenses import ulp  # noqa: E402
 from bdjax.defenses.ulp import pool_logits  # noqa: E402
 from bdjax.models import get_model  # noqa: E402
 from bdjax.pipelines.ulp import ULPExperimentConfig, _kept  # noqa: E402
@@ -34,23 +35,11 @@ from bdjax.zoo import ZooStore, plan  # noqa: E402
 from bdjax.zoo.train import load_zoo_data, trigger_pool  # noqa: E402
 
 
-def stamp_corners(x, pool, t: int, image_shape):
-    trig = pool.trigger(t)
-    for corner in plan.CORNERS:
-        r, c = T.corner_position(image_shape, trig, corner)
-        x = T.apply(x, trig, r, c)
-    return x
-
-
 def litmus_images(ds, pool, per_class: int = 2):
     """(classes * per_class) test images, each with a train trigger in all 4 corners; and their labels."""
-    xs, ys = [], []
-    for k in range(per_class):
-        for c in range(ds.num_classes):
-            x = jnp.asarray(ds.x_test[ds.y_test == c][k], jnp.float32) / 255.0
-            xs.append(stamp_corners(x, pool, (c + k) % len(pool.names), ds.image_shape))
-            ys.append(c)
-    return jnp.stack(xs), np.array(ys)
+    n = ds.num_classes * per_class
+    z = ulp.stamped_images(ds.x_test, ds.y_test, ds.num_classes, [pool.trigger(t) for t in range(len(pool.names))], n)
+    return jnp.asarray(z), np.arange(n) % ds.num_classes
 
 
 def per_model(model, variables, x, batch: int, out=lambda logits: logits) -> np.ndarray:
@@ -87,8 +76,8 @@ def main(argv=None) -> int:
     ds = load_zoo_data(cfg.zoo_config("train"))
     model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
     pool = trigger_pool(cfg.zoo_config("train"), ds.image_shape[-1])
-    tr_v, tr_y, _ = _kept(ZooStore.open(run / "zoo_train"))
-    te_v, te_y, _ = _kept(ZooStore.open(run / "zoo_test"))
+    tr_v, tr_y = _kept(ZooStore.open(run / "zoo_train"))
+    te_v, te_y = _kept(ZooStore.open(run / "zoo_test"))
     z, z_labels = litmus_images(ds, pool)
 
     from sklearn.linear_model import LogisticRegression

@@ -35,7 +35,9 @@ from jax.sharding import PartitionSpec as P
 
 from bdjax.defenses.metrics import roc_auc, roc_points
 from bdjax.errors import ConfigError
+from bdjax import triggers
 from bdjax.zoo import population as pop
+from bdjax.zoo.plan import CORNERS
 
 POOLINGS = ("concat", "avg")
 FEATURES = ("logits", "log_softmax")
@@ -74,14 +76,17 @@ class ULPConfig:
         return self
 
 
-def stamped_images(images: np.ndarray, labels: np.ndarray, num_classes: int, triggers: list, stamp, n: int) -> np.ndarray:
-    """n starting patterns for ulp.init=stamped: pattern m is the (m // K)-th image of class m % K (K classes) with
-    trigger (m % K + m // K) of the list stamped by stamp(x, trigger) (e.g. in every corner); images in [0, 1]."""
+def stamped_images(images: np.ndarray, labels: np.ndarray, num_classes: int, trigger_list: list, n: int) -> np.ndarray:
+    """n clean images with a trigger in all 4 corners, in [0, 1] (the starts of ulp.init=stamped): image m is the
+    (m // K)-th uint8 image of class m % K (K classes), stamped with trigger_list[(m % K + m // K) % len]."""
     out = []
     for m in range(n):
         c, k = m % num_classes, m // num_classes
-        x = np.asarray(images[np.flatnonzero(labels == c)[k]], np.float32) / 255.0
-        out.append(np.asarray(stamp(jnp.asarray(x), triggers[(c + k) % len(triggers)])))
+        x = jnp.asarray(images[np.flatnonzero(labels == c)[k]], jnp.float32) / 255.0
+        trigger = trigger_list[(c + k) % len(trigger_list)]
+        for corner in CORNERS:
+            x = triggers.apply(x, trigger, *triggers.corner_position(x.shape, trigger, corner))
+        out.append(np.asarray(x))
     return np.stack(out)
 
 

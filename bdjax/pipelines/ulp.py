@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bdjax import runtime, triggers
+from bdjax import runtime
 from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
 from bdjax.defenses import neural_cleanse as nc
 from bdjax.defenses import ulp
@@ -34,7 +34,6 @@ from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.results import RunDir, write_json
 from bdjax.train.loop import progress_enabled
-from bdjax.zoo.plan import CORNERS
 from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo, trigger_pool
 
 
@@ -108,7 +107,7 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def _kept(store) -> tuple[dict, np.ndarray, list]:
+def _kept(store) -> tuple[dict, np.ndarray]:
     variables, records = store.load()
     keep = np.array([bool(r.kept) for r in records])
     labels = np.array([r.poisoned for r in records], np.int32)
@@ -116,7 +115,14 @@ def _kept(store) -> tuple[dict, np.ndarray, list]:
         raise ConfigError(f"zoo {store.root}: the keep-filters left {int(keep.sum())} models without both kinds; "
                           "lower zoo.min_clean_acc / zoo.min_asr or train longer")
     idx = np.flatnonzero(keep)
-    return _select(variables, idx), labels[idx], [records[i] for i in idx]
+    return _select(variables, idx), labels[idx]
+
+
+def meta_zoos(cfg: ULPExperimentConfig, train_store, test_store):
+    """((vars, labels) of meta-train, meta-val, test): the kept models, train zoo split stratified by cfg."""
+    tr_all, tr_lab = _kept(train_store)
+    i_tr, i_va = split_train_val(tr_lab, cfg.val_fraction, cfg.seed)
+    return (_select(tr_all, i_tr), tr_lab[i_tr]), (_select(tr_all, i_va), tr_lab[i_va]), _kept(test_store)
 
 
 def _select(tree, idx):
@@ -143,14 +149,8 @@ def initial_patterns(cfg: ULPExperimentConfig, ds, m: int):
     if cfg.ulp.init == "uniform":
         return None
     pool = trigger_pool(cfg.zoo_config("train"), ds.image_shape[-1])
-
-    def stamp(x, trigger):
-        for corner in CORNERS:
-            x = triggers.apply(x, trigger, *triggers.corner_position(ds.image_shape, trigger, corner))
-        return x
-
-    return ulp.stamped_images(ds.x_train, ds.y_train, ds.num_classes,
-                              [pool.trigger(t) for t in range(len(pool.names))], stamp, m)
+    trigger_list = [pool.trigger(t) for t in range(len(pool.names))]
+    return ulp.stamped_images(ds.x_train, ds.y_train, ds.num_classes, trigger_list, m)
 
 
 def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, ds, run: RunDir, steps: _Steps):
@@ -246,10 +246,8 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
 
     stores = {w: train_zoo(cfg.zoo_config(w), run.path / f"zoo_{w}", data=ds) for w in ("train", "test")}
     zoo_wall = time.time() - t0
-    tr_all, tr_lab, tr_rec = _kept(stores["train"])
-    te_v, te_y, te_rec = _kept(stores["test"])
-    i_tr, i_va = split_train_val(tr_lab, cfg.val_fraction, cfg.seed)
-    zoos = ((_select(tr_all, i_tr), tr_lab[i_tr]), (_select(tr_all, i_va), tr_lab[i_va]), (te_v, te_y))
+    zoos = meta_zoos(cfg, stores["train"], stores["test"])
+    te_v, te_y = zoos[2]
 
     steps = _Steps(run.path / "ulp")
     rows = []
@@ -274,7 +272,8 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
         "clean_acc": test_stats["mean_clean_acc"], "asr": test_stats["mean_asr"],
         "auc": best["auc"], "M": best["M"],
         "rows": [{k: v for k, v in r.items() if k != "test_scores"} for r in rows],
-        "zoo_train": {**_zoo_stats(stores["train"].records), "n_meta_train": int(len(i_tr)), "n_meta_val": int(len(i_va))},
+        "zoo_train": {**_zoo_stats(stores["train"].records), "n_meta_train": int(len(zoos[0][1])),
+                      "n_meta_val": int(len(zoos[1][1]))},
         "zoo_test": test_stats, "zoo_wall_s": zoo_wall, "wall_s": time.time() - t0,
         "device": runtime.device_summary(),
     }
