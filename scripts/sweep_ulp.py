@@ -47,16 +47,17 @@ def main() -> None:
     base = apply_overrides(from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text())),
                            ["ulp.n_patterns=10"])
     sets = grid(args.fields)
-    combos = [apply_overrides(base, c).ulp.validate() for c in sets]  # every typo before any training
+    combos = [apply_overrides(base, c).validate() for c in sets]  # every typo before any training
 
     ds = load_dataset(base.data.dataset, data_root=base.data.data_root)
     model = get_model(base.train.model, ds.num_classes, **base.train.model_kwargs())
     (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = pipe.meta_zoos(base, ZooStore.open(run / "zoo_train"),
                                                               ZooStore.open(run / "zoo_test"))
     rows = []
-    for c, ucfg in zip(sets, combos):
+    for c, cfg in zip(sets, combos):
         t0 = time.time()
-        res = ulp.train_ulp(model, tr_v, tr_y, va_v, va_y, ds.image_shape, ds.num_classes, ucfg)
+        res = ulp.train_ulp(model, tr_v, tr_y, va_v, va_y, ds.image_shape, ds.num_classes, cfg.ulp,
+                            init_patterns=pipe.initial_patterns(cfg, ds, cfg.ulp.n_patterns))
         auc = ulp.evaluate_ulp(model, res, te_v, te_y)["auc"]
         rows.append({"set": c, "best_epoch": res.best_epoch, "val_acc": round(res.val_acc, 4), "test_auc": round(auc, 4)})
         print(f"{' '.join(c) or '(run config)'}: best epoch {res.best_epoch}, val acc {res.val_acc:.3f}, "
