@@ -14,7 +14,13 @@ grouped convolution); the sequential baseline is always the plain XLA convolutio
 does not depend on the pixels). Compile and one warm-up step are excluded.
 
 models_per_hour_ulp_cifar10: models finished per hour at the ULP CIFAR-10 schedule (50 epochs over 50000 clean
-+ 5000 stamped images), from the same rates. The last line is one JSON object.
++ 5000 stamped images), from the same rates.
+
+The ceiling, measured in the same process: `flops_per_image` is XLA's cost analysis of one model's training step
+(forward, backward, update) divided by the batch; `gemm_gflops` the summed rate of one large float32 matrix product
+per device, all devices at once (the fastest kernel the backend has); `gemm_bound_images_per_s` their ratio, the
+images/s a trainer would reach if every FLOP ran at GEMM speed, and `fraction_of_gemm_bound` each P's share of it.
+The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -27,7 +33,10 @@ os.environ.setdefault("BDJAX_PROGRESS", "0")
 
 import bdjax  # noqa: E402,F401  (one CPU device per core before JAX starts)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from bdjax import runtime  # noqa: E402
 from bdjax.config import TrainConfig  # noqa: E402
@@ -67,6 +76,37 @@ def population_rate(model, P: int, batch: int, steps: int, mode: str, n_images: 
     return P * batch * steps / (time.perf_counter() - t)
 
 
+def step_flops_per_image(model, batch: int) -> float:
+    """XLA's FLOP count for one model's training step on `batch` 32x32x3 images, per image."""
+    x, y = jnp.zeros((batch, 32, 32, 3)), jnp.zeros((batch,), jnp.int32)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+
+    def loss(params, batch_stats):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"], variables.get("batch_stats", {})).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list on older jax
+    return float(cost["flops"]) / batch
+
+
+def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Summed GFLOP/s of an n x n float32 matrix product on every local device at once."""
+    devices = jax.local_devices()
+    mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("d")))
+    a = put(jax.random.normal(jax.random.key(0), (len(devices), n, n)))
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = matmul(a, a)
+    jax.block_until_ready(out)
+    return len(devices) * reps * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--populations", default="1,8,32,128")
@@ -99,6 +139,12 @@ def main() -> None:
     out["models_per_hour_ulp_cifar10"] = {p: round(r * 3600 / ULP_IMAGES_PER_MODEL, 3)
                                           for p, r in out["images_per_s"].items()}
     out["sequential_models_per_hour_ulp_cifar10"] = round(seq * 3600 / ULP_IMAGES_PER_MODEL, 3)
+    out["flops_per_image"] = round(step_flops_per_image(get_model(args.model, 10), args.batch))
+    out["gemm_gflops"] = round(gemm_gflops(), 1)
+    out["gemm_bound_images_per_s"] = round(out["gemm_gflops"] * 1e9 / out["flops_per_image"], 1)
+    out["fraction_of_gemm_bound"] = {p: round(r / out["gemm_bound_images_per_s"], 3) for p, r in out["images_per_s"].items()}
+    print(f"{out['flops_per_image'] / 1e9:.3f} GFLOP per image; float32 GEMM {out['gemm_gflops']} GFLOP/s summed "
+          f"-> at most {out['gemm_bound_images_per_s']} images/s at GEMM speed", flush=True)
     print(json.dumps(out))
 
 
