@@ -26,9 +26,8 @@ import numpy as np  # noqa: E402
 
 from bdjax import triggers as T  # noqa: E402
 from bdjax.config import from_dict  # noqa: E402
-from bdjax.defenses.metrics import roc_auc  # noqa: E402
 from bdjax.defenses import ulp  # noqa: E402
-from bdjax.defenses.ulp import pool_logits  # noqa: E402
+from bdjax.defenses.metrics import roc_auc  # noqa: E402
 from bdjax.models import get_model  # noqa: E402
 from bdjax.pipelines.ulp import ULPExperimentConfig, _kept  # noqa: E402
 from bdjax.zoo import ZooStore, plan  # noqa: E402
@@ -38,7 +37,7 @@ from bdjax.zoo.train import load_zoo_data, trigger_pool  # noqa: E402
 def litmus_images(ds, pool, per_class: int = 2):
     """(classes * per_class) test images, each with a train trigger in all 4 corners; and their labels."""
     n = ds.num_classes * per_class
-    z = ulp.stamped_images(ds.x_test, ds.y_test, ds.num_classes, [pool.trigger(t) for t in range(len(pool.names))], n)
+    z = ulp.stamped_images(ds.x_test, ds.y_test, ds.num_classes, pool.triggers(), n)
     return jnp.asarray(z), np.arange(n) % ds.num_classes
 
 
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
     result = {"run": str(run), "n_train_models": int(len(tr_y)), "n_test_models": int(len(te_y)),
               "n_litmus_images": int(len(z))}
     def linear_auc(out_tr, out_te, features):
-        f_tr, f_te = (np.asarray(pool_logits(jnp.asarray(o), "concat", features)) for o in (out_tr, out_te))
+        f_tr, f_te = (np.asarray(ulp.pool_logits(jnp.asarray(o), "concat", features)) for o in (out_tr, out_te))
         clf = LogisticRegression(C=10.0, max_iter=5000).fit(f_tr, tr_y)
         return roc_auc(clf.predict_proba(f_te)[:, 1], te_y.astype(bool))
 

@@ -33,9 +33,9 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from bdjax import triggers
 from bdjax.defenses.metrics import roc_auc, roc_points
 from bdjax.errors import ConfigError
-from bdjax import triggers
 from bdjax.zoo import population as pop
 from bdjax.zoo.plan import CORNERS
 

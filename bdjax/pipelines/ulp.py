@@ -149,8 +149,7 @@ def initial_patterns(cfg: ULPExperimentConfig, ds, m: int):
     if cfg.ulp.init == "uniform":
         return None
     pool = trigger_pool(cfg.zoo_config("train"), ds.image_shape[-1])
-    trigger_list = [pool.trigger(t) for t in range(len(pool.names))]
-    return ulp.stamped_images(ds.x_train, ds.y_train, ds.num_classes, trigger_list, m)
+    return ulp.stamped_images(ds.x_train, ds.y_train, ds.num_classes, pool.triggers(), m)
 
 
 def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, ds, run: RunDir, steps: _Steps):

@@ -84,6 +84,9 @@ class TriggerPool:
     def trigger(self, i: int) -> T.Trigger:
         return T.Trigger(self.pattern[i], self.mask[i])
 
+    def triggers(self) -> list[T.Trigger]:
+        return [self.trigger(i) for i in range(len(self.names))]
+
 
 def load_trigger_pool(directory: str | Path, names, channels: int = 3, size: int | None = None) -> TriggerPool:
     """Read trigger images (BMP/PNG) from `directory` as opaque patches, resized to size x size when given;
