@@ -69,3 +69,28 @@ def save_curves(path: Path, records: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_trigger_grid(path, result, ncols: int | None = None) -> None:
+    """Neural Cleanse: PNG grid of the reversed triggers (mask * pattern) per label (an NCResult), titled with
+    the norm; flagged labels in red."""
+
+    L = len(result.labels)
+    ncols = ncols or min(L, 11 if L > 20 else 10)
+    nrows = -(-L // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.25 * ncols, 1.45 * nrows), squeeze=False)
+    flagged = set(result.flagged_labels)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, label in enumerate(result.labels):
+        ax = axes.ravel()[i]
+        fusion = result.masks[i][..., None] * result.patterns[i]
+        img = np.clip(fusion * 255, 0, 255).astype(np.uint8)
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{int(label)}: {result.norms[i]:.1f}", fontsize=7,
+                     color="crimson" if int(label) in flagged else "black")
+    fig.suptitle("Neural Cleanse: reversed triggers (mask x pattern), label: mask L1 norm", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

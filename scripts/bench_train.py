@@ -20,8 +20,7 @@ import numpy as np
 
 from bdjax.config import TrainConfig
 from bdjax.models import get_model
-from bdjax.train import create_state, make_optimizer, make_train_step
-from bdjax.train.step import epoch_permutation
+from bdjax.train import core, create_state, make_optimizer
 from bdjax.train.sharding import data_mesh, replicated
 
 
@@ -52,15 +51,16 @@ def step_rate(name: str, batch: int, steps: int, sharded: bool) -> tuple[float, 
     else:
         mesh = None
         state, x, y = jax.device_put((state, x, y), jax.devices()[0])
-    step = make_train_step(model, tx, seed=0, n_train=n, batch_size=batch, mesh=mesh)
-    perm = jax.device_put(epoch_permutation(jax.random.key(0), 0, n), x.sharding)
-    flops = (step.lower(state, x, y, perm).compile().cost_analysis() or {}).get("flops", float("nan"))
+    step = core.single_model_step(model, tx, mesh=mesh, batch_size=batch, steps_per_epoch=n // batch)
+    perm = jax.device_put(core.epoch_permutation(jax.random.key(0), 0, n), x.sharding)
+    task = jax.device_put(core.RunTask(np.int32(0)), x.sharding)
+    flops = (step.lower(state, task, perm, (x, y)).compile().cost_analysis() or {}).get("flops", float("nan"))
     for _ in range(2):  # compile + warm-up
-        state, m = step(state, x, y, perm)
+        state, m = step(state, task, perm, (x, y))
         jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(steps):
-        state, m = step(state, x, y, perm)
+        state, m = step(state, task, perm, (x, y))
         jax.block_until_ready(m)  # as fit() does on CPU: see bdjax.train.loop.needs_step_sync
     return batch * steps / (time.perf_counter() - t), flops
 

@@ -16,7 +16,7 @@ import numpy as np
 from bdjax.errors import BdjaxError, ConfigError
 from bdjax.models import feature_shapes, select_feature
 from bdjax.train.sharding import batch_sharded, data_mesh
-from bdjax.train.step import to_float
+from bdjax.train.core import to_float
 
 
 def _model_name(model) -> str:

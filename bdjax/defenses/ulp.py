@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,8 +156,24 @@ def _head(h, f):
     return f @ h["kernel"] + h["bias"]
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(model, cfg: ULPConfig, mesh):
+class ULPState(NamedTuple):
+    patterns: jax.Array  # (M, H, W, C) in [0, 1]
+    classifier: dict  # h: {"kernel", "bias"}
+    opt_patterns: Any  # SGD state
+    opt_classifier: Any  # Adam state
+
+
+class ULPOptimizer(NamedTuple):
+    """init(key, image_shape, num_classes, init_patterns=None) -> ULPState; update(state, variables, y, valid) ->
+    (state, metrics) for one batch of stacked models (pure: jit it, scan it, or drive it from the host);
+    scores(patterns, classifier, variables) -> P(poisoned) per model."""
+    init: Any
+    update: Any
+    scores: Any
+
+
+def ulp_optimizer(model, cfg: ULPConfig, mesh=None) -> ULPOptimizer:
+    """ULP's (init, update) pair for one model architecture and config (the model axis sharded over `mesh`)."""
     logits_of = _zoo_logits(model, cfg.mode, mesh)
     tx_z = optax.sgd(cfg.pattern_lr)
     tx_h = optax.adam(cfg.classifier_lr)
@@ -196,23 +213,40 @@ def _compiled(model, cfg: ULPConfig, mesh):
 
     update_classifier = classifier_per_model if cfg.classifier_steps == "per_model" else classifier_per_batch
 
-    def step(theta, opt, variables, y, valid):
-        z, h = theta
+    def init(key, image_shape, num_classes: int, init_patterns=None) -> ULPState:
+        """Patterns uniform in [0, 1] (or init_patterns), h with PyTorch nn.Linear's default init (the reference's)."""
+        key_z, key_h = jax.random.split(key)
+        z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape)) if init_patterns is None else init_patterns
+        d = cfg.n_patterns * num_classes if cfg.pooling == "concat" else num_classes
+        lim = 1.0 / np.sqrt(d)
+        kh, kb = jax.random.split(key_h)
+        h = {"kernel": jax.random.uniform(kh, (d, 2), minval=-lim, maxval=lim),
+             "bias": jax.random.uniform(kb, (2,), minval=-lim, maxval=lim)}
+        return ULPState(z, h, tx_z.init(z), tx_h.init(h))
+
+    def update(st: ULPState, variables, y, valid) -> tuple[ULPState, dict]:
+        """One batch of models: the classifier's steps, then one pattern step on the batch's mean gradient."""
         n = jnp.maximum(valid.sum(), 1)
-        f, pull_back = jax.vjp(lambda z: features(variables, z), z)
-        h, opt_h, losses, g_f, correct = update_classifier(h, opt[1], f, y, valid)
+        f, pull_back = jax.vjp(lambda z: features(variables, z), st.patterns)
+        h, opt_h, losses, g_f, correct = update_classifier(st.classifier, st.opt_classifier, f, y, valid)
         # patterns: the mean over the batch's models of d loss_n / d z, plus the TV regulariser
         (g_z,) = pull_back(g_f / n)
-        g_z = g_z + cfg.tv_weight * jax.grad(total_variation)(z)
-        uz, oz = tx_z.update(g_z, opt[0], z)
-        z = jnp.clip(optax.apply_updates(z, uz), 0.0, 1.0)
-        return (z, h), (oz, opt_h), losses.sum() / n, correct.sum()
+        g_z = g_z + cfg.tv_weight * jax.grad(total_variation)(st.patterns)
+        uz, oz = tx_z.update(g_z, st.opt_patterns, st.patterns)
+        z = jnp.clip(optax.apply_updates(st.patterns, uz), 0.0, 1.0)
+        return ULPState(z, h, oz, opt_h), {"loss": losses.sum() / n, "correct": correct.sum()}
 
-    def scores(theta, variables):
-        z, h = theta
-        return jax.nn.softmax(_head(h, features(variables, z)), -1)[:, 1]
+    def scores(patterns, classifier, variables):
+        return jax.nn.softmax(_head(classifier, features(variables, patterns)), -1)[:, 1]
 
-    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(scores), tx_z, tx_h
+    return ULPOptimizer(init, update, scores)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model, cfg: ULPConfig, mesh):
+    """(init, update, scores) jitted; update donates the state."""
+    opt = ulp_optimizer(model, cfg, mesh)
+    return jax.jit(opt.init, static_argnums=(1, 2)), jax.jit(opt.update, donate_argnums=(0,)), jax.jit(opt.scores)
 
 
 def _batches(n: int, batch: int, rng=None):
@@ -233,9 +267,9 @@ def ulp_scores(model, result: "ULPResult", variables, *, batch_models: int | Non
     cfg = result.config
     B = batch_models or cfg.batch_models
     mesh = pop.model_mesh(B)
-    _, scores, _, _ = _compiled(model, cfg, mesh)
-    theta = (jnp.asarray(result.patterns), jax.tree.map(jnp.asarray, result.classifier))
-    return _predict(scores, theta, variables, B, mesh)
+    _, _, scores = _compiled(model, cfg, mesh)
+    patterns, classifier = jnp.asarray(result.patterns), jax.tree.map(jnp.asarray, result.classifier)
+    return _over_zoo(lambda v: scores(patterns, classifier, v), variables, B, mesh)
 
 
 def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape, num_classes: int,
@@ -248,24 +282,17 @@ def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape
     B = min(cfg.batch_models, len(y_tr))
     cfg = dataclasses.replace(cfg, batch_models=B)
     mesh = pop.model_mesh(B)
-    step, scores, tx_z, tx_h = _compiled(model, cfg, mesh)
-    key_z, key_h = jax.random.split(jax.random.key(cfg.seed))
-    z = jax.random.uniform(key_z, (cfg.n_patterns, *image_shape))
+    init, update, scores = _compiled(model, cfg, mesh)
     if init_patterns is not None:
-        init = np.asarray(init_patterns, np.float32)
-        if init.shape != z.shape or init.min() < 0 or init.max() > 1:
-            raise ConfigError(f"ulp init_patterns must be {z.shape} with values in [0, 1], got {init.shape} "
-                              f"in [{init.min():.3g}, {init.max():.3g}]")
-        z = jnp.asarray(init)
-    d = cfg.n_patterns * num_classes if cfg.pooling == "concat" else num_classes
-    # PyTorch nn.Linear's default init, as the reference's classifier
-    lim = 1.0 / np.sqrt(d)
-    kh, kb = jax.random.split(key_h)
-    h = {"kernel": jax.random.uniform(kh, (d, 2), minval=-lim, maxval=lim),
-         "bias": jax.random.uniform(kb, (2,), minval=-lim, maxval=lim)}
-    theta, opt = (z, h), (tx_z.init(z), tx_h.init(h))
+        init_patterns = np.asarray(init_patterns, np.float32)
+        shape = (cfg.n_patterns, *image_shape)
+        if init_patterns.shape != shape or init_patterns.min() < 0 or init_patterns.max() > 1:
+            raise ConfigError(f"ulp init_patterns must be {shape} with values in [0, 1], got {init_patterns.shape} "
+                              f"in [{init_patterns.min():.3g}, {init_patterns.max():.3g}]")
+    state = init(jax.random.key(cfg.seed), tuple(image_shape), num_classes, init_patterns)
     rng = np.random.default_rng(cfg.seed)
-    best = (-1.0, 0, jax.device_get(theta))
+    snapshot = lambda st: (np.asarray(st.patterns), jax.device_get(st.classifier))
+    best = (-1.0, 0, snapshot(state))
     history = []
     t0 = time.time()
     bar = None
@@ -282,15 +309,15 @@ def train_ulp(model, train_vars, train_labels, val_vars, val_labels, image_shape
             v = pop.place(_take(train_vars, idx, pad), mesh, per_model=True)
             y = np.r_[y_tr[idx], np.zeros(pad, np.int32)]
             valid = np.r_[np.ones(len(idx), bool), np.zeros(pad, bool)]
-            theta, opt, loss, c = step(theta, opt, v, *pop.place((y, valid), mesh, per_model=True))
-            losses.append(float(loss))
-            correct += int(c)
-        p_val = _predict(scores, theta, val_vars, B, mesh)
+            state, m = update(state, v, *pop.place((y, valid), mesh, per_model=True))
+            losses.append(float(m["loss"]))
+            correct += int(m["correct"])
+        p_val = _over_zoo(lambda v: scores(state.patterns, state.classifier, v), val_vars, B, mesh)
         val_acc = float(np.mean((p_val > 0.5) == y_val))
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": correct / len(y_tr),
                         "val_acc": val_acc})
         if val_acc > best[0]:
-            best = (val_acc, epoch + 1, jax.device_get(theta))
+            best = (val_acc, epoch + 1, snapshot(state))
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
             bar.update(1)
@@ -309,10 +336,6 @@ def _over_zoo(fn, variables, B, mesh, *args) -> np.ndarray:
         v = pop.place(_take(variables, idx, pad), mesh, per_model=True)
         out.append(np.asarray(fn(v, *args))[:len(idx)])
     return np.concatenate(out)
-
-
-def _predict(scores, theta, variables, B, mesh) -> np.ndarray:
-    return _over_zoo(lambda v: scores(theta, v), variables, B, mesh)
 
 
 def evaluate_ulp(model, result: ULPResult, test_vars, test_labels) -> dict:

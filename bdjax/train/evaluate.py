@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdjax.train.sharding import batch_sharded, data_mesh, replicated
-from bdjax.train.step import to_float
+from bdjax.train.core import to_float
 
 
 @functools.lru_cache(maxsize=32)

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from bdjax import distributed
-from bdjax.checkpoint import Checkpointer
 from bdjax.config import DataConfig, TrainConfig, raise_failed
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
-from bdjax.train.loop import needs_step_sync, progress_enabled
+from bdjax.train.loop import needs_step_sync, train_loop
 from bdjax.train.optim import make_optimizer
 from bdjax.zoo import population as pop
 from bdjax.zoo.plan import (ULP_TEST_POOL, ULP_TRAIN_POOL, ULP_TRIGGER_DIR, TriggerPool, load_trigger_pool, plan_zoo,
@@ -113,10 +111,6 @@ def plan(cfg: ZooConfig, ds: Dataset, pool: TriggerPool):
     return plan_zoo(cfg.zoo.n_clean, cfg.zoo.n_poisoned, pool, ds.num_classes, seed=cfg.seed * 2 + (cfg.zoo.pool == "test"))
 
 
-def _variables(states) -> dict:
-    return {"params": states.params, **({"batch_stats": states.batch_stats} if states.batch_stats else {})}
-
-
 @functools.lru_cache(maxsize=4)
 def _programs(model, t: TrainConfig, steps_per_epoch: int, mode: str, mesh, n_len: int):
     """(optimiser, compiled step, epoch permutations) for one population shape: chunks of equal size reuse them
@@ -133,11 +127,6 @@ def pad_for_processes(records: list) -> list:
     return list(records) + [records[-1]] * (-len(records) % jax.process_count())
 
 
-def _first_local(x) -> int:
-    """A value every model shares (e.g. the step), read from this process's own shard."""
-    return int(np.asarray(x.addressable_data(0)).reshape(-1)[0])
-
-
 def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, *, checkpoint_dir=None,
                 mesh="auto", desc: str = "zoo") -> tuple[dict, np.ndarray, np.ndarray, float]:
     """Train the models of `records` together: (stacked variables as numpy, clean_acc, asr, images/s).
@@ -148,7 +137,6 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
     if t.batch_size > n:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n} training images")
     steps_per_epoch = n // t.batch_size
-    total = t.epochs * steps_per_epoch
     if mesh == "auto":
         records = pad_for_processes(records)
         mesh = pop.model_mesh(len(records))
@@ -159,35 +147,16 @@ def train_chunk(model, cfg: ZooConfig, records, ds: Dataset, pool: TriggerPool, 
     data_dev = pop.place(train_data, mesh, per_model=False)
     states = pop.init_population(model, tx, tasks, ds.image_shape, mesh)
 
-    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.latest_step() is not None:
-        states = ckpt.restore(states)
-    start = _first_local(states.step)
-
-    sync = needs_step_sync(mesh)
-    perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(start // steps_per_epoch), mesh, per_model=False))
-    t0, images = time.perf_counter(), 0
-    with tqdm(total=total, initial=start, desc=f"{desc} ({n_models} models)", unit="step",
-              disable=not (progress_enabled() and distributed.is_primary()), mininterval=2.0,
-              dynamic_ncols=True) as bar:
-        for s in range(start, total):
-            states, metrics = step(states, tasks_dev, perms, data_dev)
-            if sync:
-                jax.block_until_ready(metrics)
-            images += t.batch_size * n_models
-            done = s + 1
-            if done % steps_per_epoch == 0:
-                epoch = done // steps_per_epoch
-                perms = perms_fn(tasks_dev, data_dev, pop.place(np.int32(epoch), mesh, per_model=False))
-                if ckpt is not None and (t.checkpoint_every and epoch % t.checkpoint_every == 0 or epoch == t.epochs):
-                    ckpt.save(done, states)
-                bar.set_postfix(loss=f"{float(np.mean(distributed.to_host(metrics['loss'])[:n_models])):.3f}")
-            bar.update(1)
+    order = lambda epoch: perms_fn(tasks_dev, data_dev, pop.place(np.int32(epoch), mesh, per_model=False))
+    mean_loss = lambda m: {"loss": float(np.mean(distributed.to_host(m["loss"])[:n_models]))}
+    t0 = time.perf_counter()
+    states, n_steps = train_loop(lambda st, perms: step(st, tasks_dev, perms, data_dev), states, order,
+                                 steps_per_epoch=steps_per_epoch, epochs=t.epochs, checkpoint_dir=checkpoint_dir,
+                                 checkpoint_every=t.checkpoint_every, scalars=mean_loss, sync=needs_step_sync(mesh),
+                                 desc=f"{desc} ({n_models} models)", show_progress=distributed.is_primary())
     jax.block_until_ready(states)
-    rate = images / max(time.perf_counter() - t0, 1e-9)
-    if ckpt is not None:
-        ckpt.close()
-    variables = _variables(states)
+    rate = n_steps * t.batch_size * n_models / max(time.perf_counter() - t0, 1e-9)
+    variables = states.variables
     test_data = pop.place(pop.shared_data(ds.x_test, ds.y_test, ds.num_classes, pool.pattern, pool.mask), mesh,
                           per_model=False)
     clean_acc, asr = pop.evaluate_population(model, variables, tasks_dev, ds.x_test, ds.y_test.astype(np.int32),
