@@ -20,6 +20,10 @@ The ceiling, measured in the same process: `flops_per_image` is XLA's cost analy
 (forward, backward, update) divided by the batch; `gemm_gflops` the summed rate of one large float32 matrix product
 per device, all devices at once (the fastest kernel the backend has); `gemm_bound_images_per_s` their ratio, the
 images/s a trainer would reach if every FLOP ran at GEMM speed, and `fraction_of_gemm_bound` each P's share of it.
+PyTorch, in the same run (only when `torch` is importable: `pip install -e ".[bench]"`; never needed by the tests):
+`torch_sequential_images_per_s` is the same ULP CIFAR CNN trained by a plain PyTorch loop on all cores
+(scripts/torch_baselines.py), the way a zoo is trained one model after another today, and `ratio_vs_torch` each
+P's summed rate over it (null without torch, or for another --model).
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -44,6 +48,8 @@ from bdjax.models import get_model  # noqa: E402
 from bdjax.train.optim import make_optimizer  # noqa: E402
 from bdjax.zoo import population as pop  # noqa: E402
 from bdjax.zoo.plan import TriggerPool, plan_zoo  # noqa: E402
+
+import torch_baselines  # noqa: E402  (scripts/ is on sys.path when this file runs)
 
 ULP_IMAGES_PER_MODEL = 50 * (50000 + 5000)
 
@@ -143,6 +149,12 @@ def main() -> None:
     out["gemm_gflops"] = round(gemm_gflops(), 1)
     out["gemm_bound_images_per_s"] = round(out["gemm_gflops"] * 1e9 / out["flops_per_image"], 1)
     out["fraction_of_gemm_bound"] = {p: round(r / out["gemm_bound_images_per_s"], 3) for p, r in out["images_per_s"].items()}
+    torch_rate = None
+    if args.model == "ulp_cnn" and torch_baselines.torch_available():
+        torch_rate = round(torch_baselines.ulp_cnn_images_per_s(args.batch, max(args.steps, 3)), 1)
+        print(f"PyTorch, one model after another on all cores: {torch_rate} images/s", flush=True)
+    out["torch_sequential_images_per_s"] = torch_rate
+    out["ratio_vs_torch"] = {p: round(r / torch_rate, 2) for p, r in out["images_per_s"].items()} if torch_rate else None
     print(f"{out['flops_per_image'] / 1e9:.3f} GFLOP per image; float32 GEMM {out['gemm_gflops']} GFLOP/s summed "
           f"-> at most {out['gemm_bound_images_per_s']} images/s at GEMM speed", flush=True)
     print(json.dumps(out))

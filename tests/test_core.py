@@ -135,3 +135,11 @@ def test_train_loop_resumes_exactly(setup, tmp_path):
                                  show_progress=False)
     assert (n_whole, n_first, n_rest) == (12, 4, 8)
     chex.assert_trees_all_equal(resumed.params, whole.params)
+
+
+def test_a_grad_fn_with_the_wrong_structure_is_caught_at_trace_time():
+    tx = optax.sgd(0.1)
+    state = core.TrainState.create({"params": {"w": jnp.zeros(3)}}, tx)
+    bad = lambda params, state, batch, rng: ({"w": jnp.zeros(2)}, {})
+    with pytest.raises(AssertionError, match="shape"):
+        core.make_update(bad, tx)(state, {}, None)

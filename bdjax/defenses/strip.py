@@ -43,6 +43,7 @@ import numpy as np
 
 from bdjax.defenses.metrics import roc_auc
 from bdjax.errors import ConfigError
+from bdjax.train.core import to_float
 
 BLENDS = ("add", "sum", "average")
 RULES = ("normal", "empirical")
@@ -77,11 +78,6 @@ class StripResult:
         }
 
 
-def _to_float(x: jax.Array) -> jax.Array:
-    """uint8 images -> [0, 1]; float images are taken to be in [0, 1] already."""
-    return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-
-
 def superimpose(x: jax.Array, bg: jax.Array, blend: str = "add") -> jax.Array:
     """Superimpose float images in [0, 1] (broadcasting); see the module docstring for the blends."""
     if blend == "add":
@@ -98,7 +94,7 @@ def _entropy_fn(model, blend: str):
     def fn(variables, x, pool, idx):
         # x (B, H, W, C), pool (P, H, W, C), idx (B, N): all B*N superimposed images in one forward pass.
         B, N = idx.shape
-        mixed = superimpose(_to_float(x)[:, None], _to_float(pool[idx]), blend)  # (B, N, H, W, C)
+        mixed = superimpose(to_float(x)[:, None], to_float(pool[idx]), blend)  # (B, N, H, W, C)
         logits = model.apply(variables, mixed.reshape(B * N, *mixed.shape[2:]), train=False)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1) / jnp.log(2.0)  # bits

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, NamedTuple
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,8 @@ def make_update(grad_fn: Callable, tx: optax.GradientTransformation, *,
     state fields) and "metrics" (a dict of scalars)."""
     def update(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
         grads, aux = grad_fn(state.params, state, batch, rng)
+        # a hand-written grad_fn (several tasks, MGDA) must hand back one gradient per parameter: say so at trace time
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, batch_stats=aux.get("batch_stats", state.batch_stats),
@@ -141,6 +144,7 @@ def data_step(update: Callable, gather: Callable, *, batch_size: int, steps_per_
     B = batch_size
 
     def step(state: TrainState, task, perm, data):
+        chex.assert_rank(perm, 1)  # one model's order (a population maps this step over its model axis)
         keys = stream_keys(task.seed)
         idx = lax.dynamic_slice(perm, ((state.step % steps_per_epoch) * B,), (B,))
         x, y = gather(data, task, idx)
