@@ -1,4 +1,4 @@
-"""bdjax.data: digits, the local readers (IDX, image folders, .npz), the cache, TFDS conversion, bad input."""
+"""bdjax.data: digits, the local readers (IDX, image folders, .npz), the cache, bad input (TFDS: test_tfds.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from PIL import Image
 from bdjax.data import Dataset, default_data_root, load_dataset, validate_dataset
 from bdjax.data import folder as folder_mod
 from bdjax.data import idx as idx_mod
-from bdjax.data.tfds_source import from_tfds_numpy
 from bdjax.errors import DataError
 
 # --------------------------------------------------------------------------- helpers
@@ -358,19 +357,3 @@ def test_unknown_name_without_tfds(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes `import tensorflow_datasets` fail
     with pytest.raises(DataError, match="pip install tensorflow-datasets"):
         load_dataset("no_such_dataset", data_root=str(tmp_path))
-
-
-# --------------------------------------------------------------------------- TFDS conversion
-
-
-def test_from_tfds_numpy_tuple_and_dict():
-    rng = np.random.default_rng(0)
-    train = (rng.integers(0, 256, (8, 6, 6), dtype=np.uint8), np.arange(8, dtype=np.int64) % 3)
-    test = {"image": rng.integers(0, 256, (4, 6, 6, 1), dtype=np.uint8), "label": np.array([0, 1, 2, 1])}
-    ds = from_tfds_numpy("fake", train, test, ["x", "y", "z"])
-    assert ds.image_shape == (6, 6, 1) and ds.class_names == ("x", "y", "z")
-    assert ds.y_train.dtype == np.int32 and ds.y_test.tolist() == [0, 1, 2, 1]
-    with pytest.raises(DataError, match=r"y_test: label 2 is outside \[0, 2\)"):
-        from_tfds_numpy("fake", train[:1] + (train[1] % 2,), test, ["x", "y"])
-    with pytest.raises(DataError, match="expected 'image' and 'label'"):
-        from_tfds_numpy("fake", train, {"img": test["image"]}, ["x", "y", "z"])
