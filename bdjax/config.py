@@ -60,6 +60,8 @@ class TrainConfig:
     crop_padding: int = 4
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (0 = only at the end)
+    # top-level parameter names to train (e.g. "fc8": finetune the last layer); the others stay frozen. () = all
+    trainable: tuple[str, ...] = ()
 
     def model_kwargs(self) -> dict[str, Any]:
         """model_options parsed: JSON values (numbers, lists, booleans), anything else kept as a string."""

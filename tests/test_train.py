@@ -1,4 +1,6 @@
 """Training: optimiser/schedule choices, augmentation, bit-exact determinism, sharded vs single device."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from bdjax.config import TrainConfig
 from bdjax.data import load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
-from bdjax.train import evaluate, fit, make_schedule, per_class_accuracy
+from bdjax.train import core, evaluate, fit, make_optimizer, make_schedule, per_class_accuracy
 from bdjax.train.augment import random_crop, random_flip
 
 
@@ -98,3 +100,20 @@ def test_evaluate_accepts_variables_on_one_device(digits):
     a = evaluate(model, on_one, digits.x_test, digits.y_test, 10)["clean_acc"]
     b = evaluate(model, state.variables, digits.x_test, digits.y_test, 10)["clean_acc"]
     assert a == b
+
+
+def test_trainable_layers_only_move_and_unknown_names_are_refused():
+    """train.trainable=fc2: finetune the last layer (HTBA's setting); every other parameter stays bit-identical."""
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    model = get_model("mnist_cnn", 10, width=4, hidden=16)
+    cfg = TrainConfig(model="mnist_cnn", epochs=1, batch_size=16, lr=0.1, trainable=("fc2",), checkpoint_every=0)
+    start = core.create_state(model, make_optimizer(cfg, 4), core.stream_keys(0)["init"], (8, 8, 1))
+    state = fit(model, cfg, x, y, seed=0)
+    moved = {k: not np.array_equal(jax.tree.leaves(state.params[k])[0], jax.tree.leaves(start.params[k])[0])
+             for k in state.params}
+    assert moved == {k: k == "fc2" for k in state.params}, moved
+    with pytest.raises(ConfigError, match="fc9.*conv1"):
+        fit(model, dataclasses.replace(cfg, trainable=("fc9",)), x, y, seed=0)

@@ -1,6 +1,7 @@
 """Optimisers and learning-rate schedules from a TrainConfig (optax)."""
 from __future__ import annotations
 
+import jax
 import optax
 
 from bdjax.config import TrainConfig
@@ -24,11 +25,25 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """SGD with momentum or Adam; weight decay is added to the gradient before the optimiser (L2, as in
-    PyTorch's SGD/Adam `weight_decay`, which the papers' reference code uses), not decoupled AdamW."""
+    PyTorch's SGD/Adam `weight_decay`, which the papers' reference code uses), not decoupled AdamW.
+    With train.trainable, only those top-level parameters move (the others get zero updates)."""
     lr = make_schedule(cfg, steps_per_epoch)
     decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay > 0 else []
     if cfg.optimizer == "sgd":
-        return optax.chain(*decay, optax.sgd(lr, momentum=cfg.momentum or None))
-    if cfg.optimizer == "adam":
-        return optax.chain(*decay, optax.adam(lr))
-    raise ConfigError(f"unknown train.optimizer {cfg.optimizer!r}; expected sgd or adam")
+        tx = optax.chain(*decay, optax.sgd(lr, momentum=cfg.momentum or None))
+    elif cfg.optimizer == "adam":
+        tx = optax.chain(*decay, optax.adam(lr))
+    else:
+        raise ConfigError(f"unknown train.optimizer {cfg.optimizer!r}; expected sgd or adam")
+    if not cfg.trainable:
+        return tx
+    trainable = set(cfg.trainable)
+
+    def labels(params):
+        unknown = sorted(trainable - set(params))
+        if unknown:
+            raise ConfigError(f"train.trainable names {unknown} that the model does not have; its parameters are "
+                              f"{', '.join(sorted(params))}")
+        return {name: jax.tree.map(lambda _: "train" if name in trainable else "frozen", sub)
+                for name, sub in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
