@@ -1,4 +1,5 @@
-"""PNG figures of a run: the trigger, clean vs poisoned examples, training curves."""
+"""PNG figures: a run's trigger, clean vs poisoned examples and training curves; the defenses' figures (Neural
+Cleanse triggers, STRIP entropies, ULP patterns and ROC curves)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -93,4 +94,60 @@ def save_trigger_grid(path, result, ncols: int | None = None) -> None:
     fig.suptitle("Neural Cleanse: reversed triggers (mask x pattern), label: mask L1 norm", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_entropy_histogram(path, result, bins: int = 50) -> None:
+    """STRIP (a StripResult): histogram of clean vs triggered entropies with the threshold (the figure of the STRIP paper)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    both = np.r_[result.clean_entropy, result.triggered_entropy]
+    edges = np.linspace(float(both.min()), float(both.max()) + 1e-6, bins + 1) if len(both) else bins
+    ax.hist(result.clean_entropy, bins=edges, alpha=0.6, density=True, label=f"clean ({len(result.clean_entropy)})")
+    if len(result.triggered_entropy):
+        ax.hist(result.triggered_entropy, bins=edges, alpha=0.6, density=True,
+                label=f"triggered ({len(result.triggered_entropy)})")
+    ax.axvline(result.threshold, color="k", ls="--", lw=1, label=f"threshold (FRR {result.target_frr:.0%})")
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.set_xlabel("mean entropy of superimposed inputs (bits)")
+    ax.set_ylabel("density")
+    far = "n/a" if result.far is None else f"{result.far:.3f}"
+    ax.set_title(f"STRIP, N={result.n_overlay}: FRR {result.frr:.3f}, FAR {far}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_patterns(path, result) -> None:
+    """ULP (a ULPResult): the M learned litmus patterns."""
+    z = result.patterns
+    m = len(z)
+    fig, axes = plt.subplots(1, m, figsize=(1.6 * m, 1.9), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        img = z[i]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=1)
+        ax.set_title(f"z{i + 1}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"ULP patterns (M={m}, {result.config.pooling}, best epoch {result.best_epoch})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_roc(path, curves: dict) -> None:
+    """ROC curves of model-level detectors: {label: (scores, is_poisoned)} on one plot."""
+    from bdjax.defenses.metrics import roc_auc, roc_points
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    for label, (scores, y) in curves.items():
+        fpr, tpr = roc_points(scores, np.asarray(y, bool))
+        auc = roc_auc(scores, np.asarray(y, bool))
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

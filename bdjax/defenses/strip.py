@@ -44,6 +44,7 @@ import numpy as np
 from bdjax.defenses.metrics import roc_auc
 from bdjax.errors import ConfigError
 from bdjax.train.core import to_float
+from bdjax.plots import save_entropy_histogram  # noqa: F401  (re-exported: the figures live with the others)
 
 BLENDS = ("add", "sum", "average")
 RULES = ("normal", "empirical")
@@ -206,27 +207,3 @@ def run_strip(model, variables, x_clean, x_triggered, x_pool, *, n_overlay: int 
         target_frr=float(frr), rule=rule, blend=blend, n_overlay=int(n_overlay),
         clean_entropy=e_clean, triggered_entropy=e_trig, calib_entropy=e_cal,
     )
-
-
-def save_entropy_histogram(path, result: StripResult, bins: int = 50) -> None:
-    """Histogram of clean vs triggered entropies with the threshold (the figure of the STRIP paper)."""
-    from bdjax import plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    both = np.r_[result.clean_entropy, result.triggered_entropy]
-    edges = np.linspace(float(both.min()), float(both.max()) + 1e-6, bins + 1) if len(both) else bins
-    ax.hist(result.clean_entropy, bins=edges, alpha=0.6, density=True, label=f"clean ({len(result.clean_entropy)})")
-    if len(result.triggered_entropy):
-        ax.hist(result.triggered_entropy, bins=edges, alpha=0.6, density=True,
-                label=f"triggered ({len(result.triggered_entropy)})")
-    ax.axvline(result.threshold, color="k", ls="--", lw=1, label=f"threshold (FRR {result.target_frr:.0%})")
-    ax.ticklabel_format(axis="x", useOffset=False)
-    ax.set_xlabel("mean entropy of superimposed inputs (bits)")
-    ax.set_ylabel("density")
-    far = "n/a" if result.far is None else f"{result.far:.3f}"
-    ax.set_title(f"STRIP, N={result.n_overlay}: FRR {result.frr:.3f}, FAR {far}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -35,10 +35,11 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from bdjax import triggers
-from bdjax.defenses.metrics import roc_auc, roc_points
+from bdjax.defenses.metrics import roc_auc
 from bdjax.errors import ConfigError
 from bdjax.zoo import population as pop
 from bdjax.zoo.plan import CORNERS
+from bdjax.plots import save_patterns, save_roc  # noqa: F401  (re-exported: the figures live with the others)
 
 POOLINGS = ("concat", "avg")
 FEATURES = ("logits", "log_softmax")
@@ -362,45 +363,3 @@ def noise_baseline(model, train_vars, train_labels, test_vars, test_labels, imag
     clf = LogisticRegression(C=10.0, max_iter=5000).fit(feats(train_vars), y_tr)
     s = clf.predict_proba(feats(test_vars))[:, 1]
     return {"auc": roc_auc(s, y_te.astype(bool)), "acc": float(np.mean((s > 0.5) == y_te)), "scores": s}
-
-
-def save_patterns(path, result: ULPResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z = result.patterns
-    m = len(z)
-    fig, axes = plt.subplots(1, m, figsize=(1.6 * m, 1.9), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        img = z[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                  vmin=0, vmax=1)
-        ax.set_title(f"z{i + 1}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"ULP patterns (M={m}, {result.config.pooling}, best epoch {result.best_epoch})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_roc(path, curves: dict) -> None:
-    """curves: {label: (scores, is_poisoned)} drawn on one ROC plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
-    for label, (scores, y) in curves.items():
-        fpr, tpr = roc_points(scores, np.asarray(y, bool))
-        auc = roc_auc(scores, np.asarray(y, bool))
-        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
