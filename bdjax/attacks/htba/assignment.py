@@ -34,20 +34,15 @@ def greedy(cost: jax.Array) -> jax.Array:
 
     Not a one-to-one assignment: a source can be chosen for several poisons, and a poison picked twice keeps
     its last pick, while a poison never picked keeps its own-index source (the official code starts from
-    "poison k <-> source k" and overwrites). The scan runs over the official orientation (rows = sources), so
-    ties break in the same row-major order. Masked entries become +inf where the official code writes 1e5, which
-    only differs when every remaining distance exceeds 1e5."""
+    "poison k <-> source k" and overwrites). Masking single entries means the K picks are simply the K smallest
+    entries in increasing order, so one top_k replaces the K sequential argmins; it runs over the official
+    orientation (rows = sources), so ties break in the same row-major order."""
     dist = cost.T
     k = dist.shape[0]
-
-    def pick(_, carry):
-        dist, perm = carry
-        flat = jnp.argmin(dist)
-        src, poison = flat // k, flat % k
-        return dist.at[src, poison].set(jnp.inf), perm.at[poison].set(src.astype(jnp.int32))
-
-    _, perm = lax.fori_loop(0, k, pick, (dist, jnp.arange(k, dtype=jnp.int32)))
-    return perm
+    _, picks = lax.top_k(-dist.reshape(-1), k)  # ascending distance; equal values: lower flat index first
+    src, poison = picks // k, picks % k
+    last = jnp.full((k,), -1, jnp.int32).at[poison].max(jnp.arange(k, dtype=jnp.int32))  # later picks overwrite
+    return jnp.where(last >= 0, src[jnp.maximum(last, 0)], jnp.arange(k)).astype(jnp.int32)
 
 
 MATCHERS = {"hungarian": hungarian, "greedy": greedy}
