@@ -2,18 +2,18 @@
 host at every iteration, and the assignment solvers alone.
 
     python scripts/bench_htba.py                          # mnist_cnn (width 8), 16x16x3, K = 100, 200 iterations
-    python scripts/bench_htba.py --model alexnet --size 224 --layer fc7 --iters 20   # the reference's network (GPU)
+    python scripts/bench_htba.py --model alexnet --model-options "" --size 224 --layer fc7 --iters 20   # (GPU)
 
 Both loops run the same iteration on one device: K = --k source images drawn and patched on the device, features of
 poisons and patched sources, the (K, K) squared-distance matrix, an exact assignment, one projected gradient step.
-The compiled loop is `craft_poisons`' while_loop (optax's jitted Hungarian inside); the host loop is what the
-reference does: a jitted `prepare` (features, cost matrix, the vjp at the poisons), the cost matrix pulled to the
+The compiled loop is `craft_poisons`' while_loop (optax's jitted Hungarian inside); the host loop leaves the device
+as a PyTorch-style port with an exact assignment would: a jitted `prepare` (features, cost matrix, the vjp at the poisons), the cost matrix pulled to the
 host, `scipy.optimize.linear_sum_assignment`, the assignment pushed back to a jitted `finish` (the step), and the
 stop test read on the host. Both do the same FLOPs: the host loop only adds the round trip and two dispatches.
 `--stop-distance 0` by default, so no loop stops early. A loop with the greedy matcher (no exact assignment)
 separates the Hungarian's share of an iteration, and --batches B batches in one call (the batch axis split over the
-devices, as `craft_poisons` runs 400 poisons) give batch-iterations per second. Timings are medians of --runs after a warm-up; the last line of
-output is one JSON object.
+devices, as `craft_poisons` runs 400 poisons) give batch-iterations per second. Timings are medians of --runs after
+a warm-up; the last line of output is one JSON object.
 """
 from __future__ import annotations
 
@@ -183,9 +183,12 @@ def main(argv=None) -> dict:
     rows.append(("host loop (scipy every iteration)", host_rate))
     for name, rate in rows:
         print(f"  {name:38s} {rate:10.1f} {1e3 / rate:10.2f}")
-    print(f"  speedup vs host loop: {result['speedup_vs_host']:.2f}x (one batch)"
-          + (f", {result['speedup_batched_vs_host']:.2f}x ({args.batches} batches, batch-iterations/s)" if batched else "")
-          + (f"; Hungarian share of a compiled iteration: {result['hungarian_share']:.0%}" if "greedy" in loops else ""))
+    line = f"  speedup vs host loop: {result['speedup_vs_host']:.2f}x (one batch)"
+    if batched:
+        line += f", {result['speedup_batched_vs_host']:.2f}x ({args.batches} batches, batch-iterations/s)"
+    if "greedy" in loops:
+        line += f"; Hungarian share of a compiled iteration: {result['hungarian_share']:.0%}"
+    print(line)
     print(f"  {'assignment alone':38s} {'optax jit ms':>12s} {'scipy ms':>10s} {'same cost':>10s}")
     for n, r in assign.items():
         print(f"  {'K = ' + n:38s} {r['optax_ms']:12.3f} {r['scipy_ms']:10.3f} {str(r['same_cost']):>10s}")
