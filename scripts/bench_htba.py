@@ -9,7 +9,9 @@ poisons and patched sources, the (K, K) squared-distance matrix, an exact assign
 The compiled loop is `craft_poisons`' while_loop (optax's jitted Hungarian inside); the host loop leaves the device
 as a PyTorch-style port with an exact assignment would: a jitted `prepare` (features, cost matrix, the vjp at the poisons), the cost matrix pulled to the
 host, `scipy.optimize.linear_sum_assignment`, the assignment pushed back to a jitted `finish` (the step), and the
-stop test read on the host. Both do the same FLOPs: the host loop only adds the round trip and two dispatches.
+stop test read on the host. Both do the same FLOPs: the host loop adds the round trip, two dispatches, and the
+copy of the vjp residuals that `prepare` returns (activations and the weights: about 100 KB for the default model,
+230 MB per iteration for AlexNet, which costs little on a GPU but slows that host loop on a CPU).
 `--stop-distance 0` by default, so no loop stops early. A loop with the greedy matcher (no exact assignment)
 separates the Hungarian's share of an iteration, and --batches B batches in one call (the batch axis split over the
 devices, as `craft_poisons` runs 400 poisons) give batch-iterations per second. Timings are medians of --runs after
