@@ -38,7 +38,7 @@ def get_config(method: str, scale: str) -> SSLExperimentConfig:
         return cfg
     small = ["widths=[16,32,64,128]", "stage_sizes=[1,1,1,1]", "n_train=10000", "train.batch_size=256",
              "moco.queue_size=4096", "moco.momentum=0.99", "moco.hidden=512", "byol.hidden=512",
-             "byol.predictor_hidden=512", "linear.epochs=100", "linear.batch_size=64", "linear.lr=0.05"]
+             "byol.predictor_hidden=512", "linear.epochs=100", "linear.batch_size=64", "linear.lr=0.05", "knn_every=5"]
     # epochs from scripts/bench_ssl.py on 2 loaded CPU cores (MoCo ~120 img/s, BYOL ~65 img/s with this backbone):
     # two pretrainings (clean, backdoored) of ~20 min each
     small += {"moco": ["train.epochs=15"], "byol": ["train.epochs=8"], "rotnet": ["train.epochs=8"]}[method]
@@ -48,7 +48,7 @@ def get_config(method: str, scale: str) -> SSLExperimentConfig:
         return apply_overrides(cfg, small + ["widths=[8,8,8,8]", "n_train=1024", "n_val=500", "train.epochs=1",
                                              "train.batch_size=64", "moco.queue_size=256", "linear.epochs=5",
                                              "moco.hidden=64", "byol.hidden=64", "byol.predictor_hidden=64",
-                                             "fractions=[0.1]", "linear.batch_size=32"])
+                                             "fractions=[0.1]", "linear.batch_size=32", "knn_every=1"])
     raise SystemExit(f"unknown --scale {scale!r}; expected tiny, small or full")
 
 

@@ -83,7 +83,8 @@ def test_the_masks_switch_the_ops_on_and_off():
     out = np.asarray(apply(x, flips, IDENTITY))
     np.testing.assert_allclose(out[0], x[0, :, ::-1], atol=1e-6)
     np.testing.assert_allclose(out[1], x[1], atol=1e-6)
-    grey = np.asarray(apply(x, {**d, "gray_on": jnp.array([True, False, False, False])}, IDENTITY))
+    grey = np.asarray(apply(x, {**d, "gray_on": jnp.array([True, False, False, False])},
+                            dataclasses.replace(IDENTITY, gray_p=0.5)))
     assert np.allclose(grey[0, ..., 0], grey[0, ..., 2]) and not np.allclose(grey[1, ..., 0], grey[1, ..., 2])
 
 

@@ -89,3 +89,16 @@ def test_linear_classifier_learns_separable_features():
     (ft,) = L.normalise_features(f)
     head, variables = L.train_linear(ft, y, 3, L.LinearEvalConfig(fraction=1.0, epochs=20, lr=0.1, batch_size=40))
     assert np.mean(L.predict_linear(head, variables, ft) == y) > 0.95
+
+
+def test_experiment_rows_table_and_fp_ratio():
+    from bdjax.ssl import experiment as E
+    rows = [{"method": "moco", "model": "clean", "fraction": 0.01, "clean_acc": 0.5, "clean_fp": 20,
+             "patched_acc": 0.45, "patched_fp": 25},
+            {"method": "moco", "model": "backdoored", "fraction": 0.01, "clean_acc": 0.49, "clean_fp": 22,
+             "patched_acc": 0.30, "patched_fp": 400}]
+    assert E.fp_ratio(rows, 0.01) == 16.0
+    lines = E.table(rows).splitlines()
+    assert lines[2] == "| moco | 0.01 | 50.0 | 20 | 45.0 | 25 | 49.0 | 22 | 30.0 | 400 |"
+    with pytest.raises(ConfigError, match="method must be one of moco, byol, rotnet"):
+        E.SSLExperimentConfig(method="jigsaw").validate()

@@ -172,8 +172,10 @@ def draw(key, n: int, height: int, cfg: AugmentConfig) -> dict:
 def apply_draw(x: jax.Array, d: dict, cfg: AugmentConfig) -> jax.Array:
     B, H, W, C = x.shape
     x = jax.vmap(lambda img, b: resized_crop(img, b, (H, W)))(x, d["box"])
-    x = _where(d["jitter_on"], jax.vmap(color_jitter_one)(x, d["jitter"]), x)
-    if C == 3:
+    # an op with probability 0 is left out of the program (less to compile), not masked
+    if cfg.jitter_p > 0:
+        x = _where(d["jitter_on"], jax.vmap(color_jitter_one)(x, d["jitter"]), x)
+    if C == 3 and cfg.gray_p > 0:
         x = _where(d["gray_on"], grayscale(x), x)
     if cfg.blur_p > 0:
         x = _where(d["blur_on"], gaussian_blur(x, d["sigma"], blur_kernel_size(H, cfg.blur_kernel_frac)), x)

@@ -9,8 +9,10 @@ step's key encoder is exactly that.
 
 Shuffle-BN: BatchNorm statistics are computed per group of `bn_groups` (per device when the batch is sharded over
 a data mesh with one group per device), and the key encoder sees the batch in a random order, so a query and its
-positive key are normalised with statistics of different images. On one device bdjax simulates the same with
-`bn_groups` slices of the batch (default 1 per device; set it > 1 on one device to get the multi-GPU behaviour).
+positive key are normalised with statistics of different images. The default (bn_groups=0) is one group per
+device of the data mesh: per-device statistics with no communication, and the key shuffle moves keys across
+devices. On one device that is plain whole-batch BN (the shuffle then changes nothing); bn_groups=G > 1 simulates
+G devices on one (slices of the batch), e.g. 8 as in the single-GPU MoCo CIFAR demos.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class MocoConfig:
     queue_size: int = 65536
     momentum: float = 0.999
     temperature: float = 0.2
-    bn_groups: int = 1  # BatchNorm groups (Shuffle-BN); 0 = one per device of the data mesh
+    bn_groups: int = 0  # BatchNorm groups (Shuffle-BN); 0 = one per device of the data mesh
     augment: AugmentConfig = AugmentConfig()
 
     def validate(self, batch_size: int) -> "MocoConfig":
