@@ -42,6 +42,10 @@ def test_a_poison_rate_larger_than_the_target_category_is_a_config_error():
         poison.PoisonConfig(rate=1.5).validate(10)
     with pytest.raises(ConfigError, match="poison.target=10 is not a class"):
         poison.PoisonConfig(target=10).validate(10)
+    x, y = np.zeros((6, 8, 8, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ConfigError, match="poison.rate=2.0"):
+        poison.poison_target_category(jax.random.key(0), x, y, poison.PoisonConfig(target=1, rate=2.0),
+                                      triggers.patch(2, 3))
 
 
 def test_labelled_subset_is_per_class_and_an_empty_class_is_an_error():

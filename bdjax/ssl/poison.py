@@ -48,6 +48,7 @@ def paste_random(key, x: np.ndarray, trigger: triggers.Trigger) -> np.ndarray:
 def poison_target_category(key, x: np.ndarray, y: np.ndarray, cfg: PoisonConfig,
                            trigger: triggers.Trigger) -> tuple[np.ndarray, np.ndarray]:
     """(poisoned copy of x, indices of the poisoned images): round(rate * n_target) random target images."""
+    cfg.validate(int(np.max(y)) + 1)
     target_idx = np.flatnonzero(np.asarray(y) == cfg.target)
     n = int(round(cfg.rate * len(target_idx)))
     if n < 1:
