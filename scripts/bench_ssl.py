@@ -5,8 +5,9 @@
 For each method and backbone (small: the narrow ResNet-18 of `--scale small`, widths 16-128, one block per stage;
 resnet18: the full CIFAR ResNet-18) on 32x32 images: images/s of the compiled pretraining step (data-parallel over
 every local device, as `pretrain` runs it) and augment_share = time of the two-view augmentation alone (compiled
-the same way) / time of the whole step. The goal is augment_share < 0.15. The PyTorch comparison is not
-implemented yet. The last line is one JSON object.
+the same way) / time of the whole step. The goal is augment_share < 0.15. With torch importable, MoCo v2's step
+in plain PyTorch (scripts/torch_baselines.py, same backbone and head, on pre-augmented views: torch's side does
+NOT augment) in the same run: ratio_vs_torch = bdjax images/s / PyTorch images/s. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def main():
     out = {"device": f"{jax.devices()[0].platform}:{len(jax.devices())}", "batch": a.batch,
            "images_per_s": {k: r["images_per_s"] for k, r in results.items()},
            "augment_share": {k: r["augment_share"] for k, r in results.items()}}
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from torch_baselines import moco_images_per_s, torch_available
+    if torch_available() and "moco" in a.methods.split(",") and jax.devices()[0].platform == "cpu":
+        torch_rate = {}
+        for bb in a.backbones.split(","):
+            kw = BACKBONES[bb]
+            torch_rate[f"moco/{bb}"] = moco_images_per_s(batch=a.batch, steps=a.steps, queue_size=16 * a.batch,
+                                                         **{k: v for k, v in kw.items()})
+            print("torch moco", bb, round(torch_rate[f"moco/{bb}"], 3), flush=True)
+        out["torch_images_per_s"] = torch_rate
+        out["ratio_vs_torch"] = {k: out["images_per_s"][k] / v for k, v in torch_rate.items()}
     print(json.dumps(out))
 
 
