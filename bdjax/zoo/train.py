@@ -100,7 +100,7 @@ def trigger_pool(cfg: ZooConfig, channels: int) -> TriggerPool:
 def load_zoo_data(cfg: ZooConfig) -> Dataset:
     d = cfg.data
     ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir)
-    if d.n_train or d.n_test:
+    if d.n_train is not None or d.n_test is not None:
         ds = ds.subset(d.n_train, d.n_test, seed=cfg.seed)
     return ds
 
