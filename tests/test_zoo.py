@@ -199,6 +199,12 @@ def test_store_round_trip_and_resume_table(tmp_path):
     (lambda m: m["models"][2].update(colour=1), "unknown"),
     (lambda m: m["models"][1].update(source=None), "poisoned model needs"),
     (lambda m: m["chunks"][1].update(start=3), "chunk 1 covers 3..4"),
+    (lambda m: m["chunks"][0].update(complete="false"),
+     r"manifest.json: field 'chunks\[0\].complete' should be a boolean \(true/false\), got 'false' \(str\)"),
+    (lambda m: m["chunks"][1].update(stop=4.0), r"field 'chunks\[1\].stop' should be an integer, got 4.0"),
+    (lambda m: m.update(n_models="4"), r"field 'n_models' should be an integer, got '4' \(str\)"),
+    (lambda m: m.update(config=[]), r"field 'config' should be an object"),
+    (lambda m: m.update(chunks={}), r"field 'chunks' should be a list"),
 ])
 def test_a_damaged_manifest_is_rejected_with_a_reason(tmp_path, mutate, message):
     recs = _records(4)
@@ -209,6 +215,26 @@ def test_a_damaged_manifest_is_rejected_with_a_reason(tmp_path, mutate, message)
     path.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=message):
         ZooStore.open(tmp_path / "z")
+
+
+def test_load_in_any_order_gives_matching_weights_and_records(tmp_path):
+    recs = _records(5)
+    store = ZooStore.create(tmp_path / "z", recs, 2, {})
+    for c, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)]):
+        store.save_chunk(c, _fake_chunk(b - a, seed=c), recs[a:b])
+    alone = {i: store.load([i])[0] for i in range(5)}
+    order = [4, 0, 3, 1, 2, 0]  # across chunks, backwards, a repeat
+    v, r = store.load(order)
+    assert [x.index for x in r] == order
+    for pos, i in enumerate(order):
+        for u, w in zip(jax.tree.leaves(v), jax.tree.leaves(alone[i])):
+            np.testing.assert_array_equal(u[pos], w[0])
+    assert not np.array_equal(alone[4]["params"]["w"][0], alone[0]["params"]["w"][0])  # the check can fail
+    for bad in ([-1], [5], [0, 7]):
+        with pytest.raises(ConfigError, match=r"holds models 0..4; index (-1|5|7) is out of range"):
+            store.load(bad)
+    with pytest.raises(ConfigError, match="non-empty 1-D list of integers"):
+        store.load([])
 
 
 def test_missing_or_corrupted_chunk_is_named(tmp_path):
