@@ -22,6 +22,7 @@ from bdjax.models import get_model
 from bdjax.train.optim import make_optimizer
 from bdjax.zoo import ZooConfig, ZooStore, plan_zoo, train_zoo
 from bdjax.zoo import population as pop
+from bdjax.zoo import train as zoo_train
 from bdjax.zoo.plan import ModelRecord, TriggerPool, load_trigger_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,7 @@ import bdjax, jax, numpy as np
 assert len(jax.devices()) == 4, jax.devices()
 from test_zoo import _population_run
 from bdjax.zoo import population as pop
+from bdjax.zoo import train as zoo_train
 mesh = pop.model_mesh(4)
 assert mesh is not None and mesh.size == 4
 a, la = _population_run("map", mesh)
@@ -262,21 +264,50 @@ def digits_zoo(tmp_path_factory):
     if not TRIGGERS.is_dir():
         pytest.skip("shared/triggers not found")
     out = tmp_path_factory.mktemp("zoo") / "z"
-    cfg = tiny_cfg("zoo.n_clean=3", "zoo.n_poisoned=3", "train.epochs=8", "zoo.min_clean_acc=0.8")
-    return cfg, train_zoo(cfg, out), out
+    cfg = tiny_cfg("zoo.n_clean=3", "zoo.n_poisoned=3", "train.epochs=8", "zoo.min_clean_acc=0.8",
+                   "zoo.min_asr=0.5", "zoo.val_fraction=0.15")
+    seen = []
+    real = zoo_train.train_chunk
+    with pytest.MonkeyPatch.context() as m:  # what the models train on
+        m.setattr(zoo_train, "train_chunk", lambda model, c, recs, ds, *a, **k: seen.append(ds) or real(model, c, recs, ds, *a, **k))
+        store = train_zoo(cfg, out)
+    return cfg, store, out, seen
 
 
 def test_zoo_models_learn_their_backdoors(digits_zoo):
-    cfg, store, out = digits_zoo
+    cfg, store, out, _ = digits_zoo
     recs = store.records
     assert all(store.complete(c) for c in range(len(store.chunks))) and len(recs) == 6
     for r in recs:
-        assert r.clean_acc > 0.85 and r.kept is (r.clean_acc >= 0.8)
-        assert (r.asr is None) == (not r.poisoned)
+        assert r.clean_acc > 0.85 and r.val_acc > 0.85
+        assert (r.asr is None) == (r.val_asr is None) == (not r.poisoned)
         if r.poisoned:
-            assert r.asr > 0.8, r
+            assert r.asr > 0.8 and r.val_asr > 0.8, r
     v, _ = store.load()
     assert v["params"]["conv1"]["kernel"].shape[0] == 6
+
+
+def test_keep_filters_read_held_out_training_images_not_the_test_set(digits_zoo):
+    cfg, store, out, seen = digits_zoo
+    full = load_dataset("digits")
+    fit, x_val, y_val = zoo_train.holdout(full, 0.15, cfg.seed)
+    counts = np.bincount(full.y_train, minlength=10)
+    assert np.bincount(y_val, minlength=10).tolist() == [round(0.15 * n) for n in counts]
+    assert len(fit.y_train) + len(y_val) == len(full.y_train)
+    assert len(seen) == len(store.chunks) and all(len(ds.y_train) == len(fit.y_train) for ds in seen)
+    np.testing.assert_array_equal(seen[0].x_train, fit.x_train)  # the models never saw x_val
+    for r in store.records:
+        assert r.kept is (r.val_acc >= 0.8 and (r.val_asr is None or r.val_asr >= 0.5)), r
+    assert any(r.val_acc != r.clean_acc for r in store.records)  # two different measurements
+    np.testing.assert_array_equal(zoo_train.holdout(full, 0.15, cfg.seed)[1], x_val)  # seeded
+    assert not np.array_equal(zoo_train.holdout(full, 0.15, cfg.seed + 1)[1], x_val)
+
+
+def test_keep_filters_without_a_validation_split_are_refused():
+    with pytest.raises(ConfigError, match=r"zoo.val_fraction must be > 0 when a keep-filter"):
+        tiny_cfg("zoo.min_asr=0.9").validate()
+    with pytest.raises(ConfigError, match=r"zoo.val_fraction=0.999 would hold out all"):
+        zoo_train.holdout(load_dataset("digits"), 0.999, 0)
 
 
 KILL_SCRIPT = r"""

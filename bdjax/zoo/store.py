@@ -33,7 +33,7 @@ from bdjax.zoo.plan import ModelRecord, record_from_dict
 FORMAT = "bdjax-zoo/1"
 
 
-RESULT_FIELDS = ("clean_acc", "asr", "kept")  # filled in by training; the rest of a record is the plan
+RESULT_FIELDS = ("clean_acc", "asr", "val_acc", "val_asr", "kept")  # filled in by training; the rest of a record is the plan
 
 
 def _plan_fields(record: dict) -> dict:
