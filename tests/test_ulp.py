@@ -63,7 +63,6 @@ def trained_zoos(ulp_run):
 
 
 def test_ulp_finds_backdoors_of_held_out_models(trained_zoos, tmp_path):
-    from bdjax.data import load_dataset
     from bdjax.pipelines import ulp as pipe
 
     model, shape, ((tv, ty), (vv, vy), (ev, ey)), cfg = trained_zoos
