@@ -15,6 +15,9 @@ Options besides the shared `--out DIR --scale small|full [section.field=value ..
 
 Each row lives in OUT/rows/<trigger>_<target>_<rate>/ (the BadNets run folder, with retrain/ inside) and resumes:
 rerunning the same command skips finished rows (row.json) and continues a killed training from its checkpoint.
+A row folder records the settings that made it (producer.json); a rerun with other settings for that row stops
+with an error naming them instead of recomputing (its checkpoints would be resumed under the new settings, or
+deleted with up to ~25 min of training each): use another --out, or delete the row folder to redo it.
 OUT/summary.json has clean_acc / asr = the means over rows AFTER the defense, and `rows`; OUT/table.md is the table.
 
 Conventions: the poison rate is a fraction of the TARGET CLASS, as in Tran et al. (5% / 10% = 250 / 500 poisons
@@ -49,7 +52,7 @@ import numpy as np
 
 from bdjax import runtime
 from bdjax.cli import experiment_main
-from bdjax.config import ExperimentConfig, apply_overrides
+from bdjax.config import ExperimentConfig, apply_overrides, matches_saved, saved_form
 from bdjax.errors import ConfigError
 
 TRIGGERS = ("pixel", "pattern")
@@ -108,8 +111,62 @@ def row_name(trigger: str, target: int, rate: float) -> str:
     return f"{trigger}_{target}_{rate:g}"
 
 
-def run_row(cfg: ExperimentConfig, out: Path, trigger: str, target: int, rate: float, layer: str, n_target: int):
-    """One table row: attack, filter, retrain; resumable (returns the saved row when it is finished)."""
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _producer_differs(saved: dict, row_cfg: ExperimentConfig, spectral: dict) -> list[str]:
+    """The settings that differ between a row folder's producer and this run's (empty: the same)."""
+    if isinstance(saved.get("config"), dict) and matches_saved(saved["config"], row_cfg) \
+            and saved.get("spectral") == spectral:
+        return []
+    old = _flat({"config": saved.get("config") or {}, "spectral": saved.get("spectral") or {}})
+    new = _flat({"config": saved_form(row_cfg), "spectral": spectral})
+    return sorted(k.split(".", 1)[1] for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["(format)"]
+
+
+def check_row_producer(row_dir: Path, row_cfg: ExperimentConfig, spectral: dict, previous: dict | None) -> None:
+    """Refuse a row folder made with other settings (see the module docstring); record the producer of a new one.
+    A folder written before producers were recorded is vouched for by its config.json (the attack) and the run's
+    previous config.json (the filter's options)."""
+    from bdjax.results import write_json
+
+    path = row_dir / "producer.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+    elif (row_dir / "config.json").exists():
+        old = (previous or {}).get("spectral") or {}
+        saved = {"config": json.loads((row_dir / "config.json").read_text()), "spectral": {k: old.get(k) for k in spectral}}
+    else:
+        saved = None
+    if saved is not None:
+        differ = _producer_differs(saved, row_cfg, spectral)
+        if differ:
+            raise ConfigError(f"{row_dir} holds row {row_dir.name} made with other settings ({', '.join(differ[:6])}); "
+                              "use another --out, or delete that folder to recompute the row")
+    row_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"config": saved_form(row_cfg), "spectral": spectral})
+
+
+def row_config(cfg: ExperimentConfig, trigger: str, target: int, rate: float, n_target: int) -> ExperimentConfig:
+    n_poison = max(1, int(round(rate * n_target)))
+    return apply_overrides(cfg, [f"experiment={cfg.experiment}/{row_name(trigger, target, rate)}",
+                                 f"attack.trigger={trigger}", f"attack.target={target}",
+                                 f"attack.poison_count={n_poison}"])
+
+
+def spectral_options(layer: str) -> dict:
+    """The filter's settings that are not config fields (module constants and command-line options)."""
+    return {"layer": layer, "mode": MODE, "percentile": PERCENTILE, "target_only": _OPTIONS["target_only"]}
+
+
+def run_row(cfg: ExperimentConfig, out: Path, trigger: str, target: int, rate: float, layer: str, n_target: int,
+            previous: dict | None = None):
+    """One table row: attack, filter, retrain; resumable (returns the saved row when it is finished, once its
+    folder is known to hold these settings)."""
     from bdjax.defenses.features import extract_features
     from bdjax.defenses.spectral import retrain, spectral_filter
     from bdjax.pipelines import badnets
@@ -117,13 +174,11 @@ def run_row(cfg: ExperimentConfig, out: Path, trigger: str, target: int, rate: f
     from bdjax.train.evaluate import predict
 
     row_dir = out / "rows" / row_name(trigger, target, rate)
+    row_cfg = row_config(cfg, trigger, target, rate, n_target)
+    check_row_producer(row_dir, row_cfg, spectral_options(layer), previous)
     done = row_dir / "row.json"
     if done.exists():
         return json.loads(done.read_text())
-    n_poison = max(1, int(round(rate * n_target)))
-    row_cfg = apply_overrides(cfg, [f"experiment={cfg.experiment}/{row_name(trigger, target, rate)}",
-                                    f"attack.trigger={trigger}", f"attack.target={target}",
-                                    f"attack.poison_count={n_poison}"])
     t0 = time.time()
     attack = badnets.run(row_cfg, row_dir)
     ds, p = attack.data, attack.poisoned
@@ -189,15 +244,19 @@ def run(cfg: ExperimentConfig, out: str) -> dict:
     layer = _OPTIONS["layer"] or LAYERS.get(cfg.train.model, "penultimate")
     ds = load_data(cfg)
     check_layer(get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs()), ds.image_shape, layer)  # fail before any training
-    run_dir.write_config({**to_dict(cfg), "spectral": {"rows": [list(r) for r in rows_spec], "layer": layer,
-                                                       "mode": MODE, "percentile": PERCENTILE,
-                                                       "target_only": _OPTIONS["target_only"]}})
     counts = np.bincount(ds.y_train, minlength=ds.num_classes)
-    rows = []
-    for trigger, target, rate in rows_spec:
+    previous = run_dir.read_config()
+    for trigger, target, rate in rows_spec:  # every row folder checked before config.json is replaced
         if not 0 <= target < ds.num_classes:
             raise ConfigError(f"row target {target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
-        row = run_row(cfg, out, trigger, target, rate, layer, int(counts[target]))
+        row_dir = out / "rows" / row_name(trigger, target, rate)
+        if row_dir.exists():
+            check_row_producer(row_dir, row_config(cfg, trigger, target, rate, int(counts[target])),
+                               spectral_options(layer), previous)
+    run_dir.write_config({**to_dict(cfg), "spectral": {"rows": [list(r) for r in rows_spec], **spectral_options(layer)}})
+    rows = []
+    for trigger, target, rate in rows_spec:
+        row = run_row(cfg, out, trigger, target, rate, layer, int(counts[target]), previous)
         rows.append(row)
         print(f"[{row['name']}] nat {row['nat_before']:.4f} -> {row['nat_after']:.4f}, asr {row['asr_before']:.4f} -> "
               f"{row['asr_after']:.4f}, poisons left {row['poison_left']}/{row['n_poison']}", flush=True)

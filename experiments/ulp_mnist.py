@@ -25,14 +25,15 @@ from bdjax.config import apply_overrides
 from bdjax.pipelines.ulp import ULPExperimentConfig, run_ulp_experiment
 
 COMMON = ["data.dataset=mnist", "train.model=mnist_cnn", "train.optimizer=adam", "train.lr=0.001",
-          "train.batch_size=64", "train.schedule=constant", "train.weight_decay=0.0", "zoo.min_asr=0.9"]
+          "train.batch_size=64", "train.schedule=constant", "train.weight_decay=0.0", "zoo.min_asr=0.9",
+          "zoo.val_fraction=0.1"]  # the keep-filters read 10% of each class's training images, held out
 SCALES = {
     "small": ["train.model_options=width=8,hidden=32", "train.lr=0.005", "data.n_train=6000", "data.n_test=2000",
               "train.epochs=2",
               "zoo.n_clean=100", "zoo.n_poisoned=100", "zoo.chunk_size=20", "zoo.min_clean_acc=0.8",
               "test_zoo.n_clean=30", "test_zoo.n_poisoned=30", "ulp.epochs=150", "ulp.features=log_softmax",
-              "baselines.nc_models=20", "baselines.nc_batch=32", "baselines.nc_steps_per_check=5",
-              "baselines.nc_max_checks=40", "baselines.nc_images=1000"],
+              "baselines.nc_models=20", "baselines.nc.batch_size=32", "baselines.nc.steps_per_check=5",
+              "baselines.nc.max_checks=40", "baselines.nc_images=1000"],
     "full": ["train.epochs=10", "zoo.n_clean=500", "zoo.n_poisoned=500", "zoo.chunk_size=100",
              "zoo.min_clean_acc=0.95", "test_zoo.n_clean=100", "test_zoo.n_poisoned=100", "ulp.epochs=1000"],
 }

@@ -10,6 +10,7 @@ values (M defaults to 10). The last line is one JSON object with a row per combi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -44,10 +45,12 @@ def main() -> None:
     ap.add_argument("fields", nargs="*", help="ulp.field=v1,v2,... (e.g. ulp.pattern_lr=1,10)")
     args = ap.parse_args()
     run = Path(args.run)
-    base = apply_overrides(from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text())),
-                           ["ulp.n_patterns=10"])
+    base = from_dict(pipe.ULPExperimentConfig, json.loads((run / "config.json").read_text()))
+    base = dataclasses.replace(base, ulp=dataclasses.replace(base.ulp, n_patterns=10))
     sets = grid(args.fields)
-    combos = [apply_overrides(base, c).validate() for c in sets]  # every typo before any training
+    # on the ulp section itself: the run config offers no ulp.n_patterns (its patterns list sets it per row)
+    combos = [dataclasses.replace(base, ulp=apply_overrides(base.ulp, [o.removeprefix("ulp.") for o in c])).validate()
+              for c in sets]  # every typo before any training
 
     ds = load_dataset(base.data.dataset, data_root=base.data.data_root)
     model = get_model(base.train.model, ds.num_classes, **base.train.model_kwargs())

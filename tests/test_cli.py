@@ -76,19 +76,104 @@ def test_demo_end_to_end(tmp_path):
     assert d["neural_cleanse"]["flagged_labels"] == [0]
 
 
-def test_demo_zoo_section(tmp_path, monkeypatch):
-    """The demo's zoo + ULP half, with a tiny zoo (the pipeline itself: tests/test_ulp_pipeline.py)."""
+def test_demo_zoo_section(tmp_path):
+    """The demo's zoo + ULP half, with a tiny zoo (the pipeline itself: tests/test_ulp_pipeline.py): the section
+    reports the pipeline's own rows and the AUC of its largest M."""
     from bdjax import cli
     from bdjax.pipelines import ulp
 
-    tiny = ulp.demo_ulp_config()
-    tiny = apply_overrides(tiny, ["zoo.n_clean=4", "zoo.n_poisoned=4", "zoo.chunk_size=4", "test_zoo.n_clean=2",
-                                  "test_zoo.n_poisoned=2", "train.epochs=2", "ulp.epochs=3", "ulp.batch_models=4"])
-    monkeypatch.setattr(ulp, "demo_ulp_config", lambda seed=0: tiny)
-    section = cli._demo_zoo(str(tmp_path), 0)
+    tiny = apply_overrides(ulp.demo_ulp_config(), [
+        "zoo.n_clean=4", "zoo.n_poisoned=4", "zoo.chunk_size=4", "test_zoo.n_clean=2", "test_zoo.n_poisoned=2",
+        "train.epochs=2", "ulp.epochs=3", "ulp.batch_models=4", "zoo.min_asr=0"])
+    section = cli._demo_zoo(str(tmp_path), tiny)
+    summary = json.loads((tmp_path / "zoo_ulp" / "summary.json").read_text())
     assert [(r["method"], r["M"]) for r in section["rows"]] == [("ULP", 1), ("noise", 1), ("ULP", 5), ("noise", 5)]
-    assert section["zoo_train_models"] == 8 and section["zoo_test_models"] == 4 and 0 <= section["auc"] <= 1
+    assert section["rows"] == summary["rows"] and section["M"] == 5
+    assert section["auc"] == next(r["auc"] for r in summary["rows"] if r["method"] == "ULP" and r["M"] == 5)
+    assert section["zoo_train_models"] == 8 and section["zoo_test_models"] == 4
     assert (tmp_path / "zoo_ulp" / "roc.png").exists()
+
+
+def test_fields_lists_every_section_with_type_default_and_doc():
+    r = bdjax("fields")
+    assert r.returncode == 0, r.stderr
+    sections, current = {}, None
+    for line in r.stdout.splitlines():
+        if line.startswith("# bdjax "):
+            current = sections.setdefault(line.removeprefix("# bdjax "), {})
+        elif line.strip():
+            current[line.split()[0]] = line
+    assert list(sections) == ["badnets", "defend", "zoo", "ulp", "demo"]
+    want = {("badnets", "attack.poison_rate"): ("float", "0.01", "fraction of the training set poisoned"),
+            ("defend", "defend.nc.max_checks"): ("int", "1000", "official STEPS"),
+            ("defend", "defend.strip.n_overlay"): ("int", "100", "superimposed on each input"),
+            ("defend", "defend.spectral.eps"): ("float | None", "None", "assumed poison budget"),
+            ("defend", "defend.ac.size_threshold"): ("float", "0.35", "largest relative size"),
+            ("zoo", "zoo.val_fraction"): ("float", "0.0", "held out"),
+            ("ulp", "ulp.pattern_lr"): ("float", "0.015", "SGD on the patterns"),
+            ("ulp", "baselines.nc.max_checks"): ("int", "1000", "official STEPS"),
+            ("demo", "defend.nc.max_checks"): ("int", "80", "official STEPS"),
+            ("demo", "zoo_ulp.zoo.n_clean"): ("int", "48", "clean models")}
+    for (command, name), parts in want.items():
+        line = sections[command].get(name, "")
+        assert all(p in line for p in parts), (command, name, line)
+    zoo = bdjax("fields", "zoo")
+    assert "zoo.min_asr" in zoo.stdout and "defend." not in zoo.stdout and "#" not in zoo.stdout.split()[0]
+    assert bdjax("fields", "nope").returncode == 2
+
+
+def test_every_field_of_every_command_is_documented():
+    from bdjax import cli
+    from bdjax.config import describe
+
+    for command in cli.CONFIG_COMMANDS:
+        undocumented = [name for name, _, _, doc in describe(cli._default_config(command)) if not doc]
+        assert undocumented == [], (command, undocumented)
+
+
+def test_every_command_takes_its_sections_and_names_the_close_field(tmp_path):
+    for command, override, close in [("demo", "defend.strip.n_overlay=x", None), ("defend", "defend.nc.max_check=3", "defend.nc.max_checks"),
+                                      ("ulp", "ulp.patern_lr=1", "ulp.pattern_lr"), ("zoo", "zoo.val_fractio=0.1", "zoo.val_fraction"),
+                                      ("demo", "zoo_ulp.zoo.n_clen=3", "zoo_ulp.zoo.n_clean")]:
+        r = bdjax(command, "--out", str(tmp_path / command), override)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if close is None:
+            assert "defend.strip.n_overlay='x': expected a value of type int" in r.stderr
+        else:
+            assert f"Did you mean {close!r}?" in r.stderr
+
+
+def test_defend_overrides_reach_the_defenses(tmp_path):
+    out = tmp_path / "d"
+    r = bdjax("defend", "--out", str(out), "seed=3", "train.epochs=2", "train.batch_size=64", "attack.poison_rate=0.03",
+              "defend.strip.n_overlay=7", "defend.strip_inputs=20", "defend.spectral.eps=0.2",
+              "defend.nc.max_checks=2", "defend.nc.steps_per_check=1", "defend.nc.early_stop=false",
+              "defend.ac.size_threshold=0.05")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((out / "summary.json").read_text())["defenses"]
+    assert d["strip"]["n_overlay"] == 7 and d["strip"]["n_clean"] == 20
+    assert d["spectral_signatures"]["eps"] == 0.2
+    assert d["neural_cleanse"]["steps"] == 2
+    assert d["activation_clustering"]["flagged_labels"] == []  # no cluster is as small as 5% of a class
+    saved = json.loads((out / "defend_config.json").read_text())
+    assert saved["seed"] == 3 and saved["nc"]["seed"] == 3 and saved["strip"]["n_overlay"] == 7
+    assert "defend" not in json.loads((out / "config.json").read_text())  # the attack's config: it resumes alone
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    from bdjax import cli
+
+    def boom(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "_cmd_data", boom)
+    assert cli.main(["data", "digits"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bdjax: error: RuntimeError: boom (rerun with --debug for the traceback)"]
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["data", "digits", "--debug"])
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", "data", "digits"])
 
 
 def test_other_config_in_same_folder_is_refused(tmp_path):

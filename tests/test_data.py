@@ -357,3 +357,29 @@ def test_unknown_name_without_tfds(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes `import tensorflow_datasets` fail
     with pytest.raises(DataError, match="pip install tensorflow-datasets"):
         load_dataset("no_such_dataset", data_root=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- issue 12: silent data defects
+
+
+def test_folder_16bit_png_is_scaled_not_saturated(tmp_path):
+    root = make_folder(tmp_path / "f", mode="L")
+    wide = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]] * 2, np.uint16)  # 4x4, 16-bit grey
+    Image.fromarray(wide).save(root / "train" / "cat" / "wide.png")
+    assert Image.open(root / "train" / "cat" / "wide.png").mode == "I;16"
+    ds = _load(root, tmp_path)
+    got = ds.x_train[ds.y_train == 0][-1, ..., 0]  # sorted last among cat's files
+    np.testing.assert_array_equal(got, np.round(wide / 257.0).astype(np.uint8))  # PIL's convert("L") gave 255s
+    assert got[0].tolist() == [0, 1, 128, 255]
+
+
+def test_npz_labels_with_gaps_are_named(tmp_path):
+    path = save_npz(tmp_path / "gap.npz", y_train=np.array([0, 1, 3, 0, 1]), y_test=np.array([3, 1]))
+    with pytest.raises(DataError, match=r"gap.npz y_train: no image has label\(s\) \[2\]; expected every label 0..3"):
+        _load(path, tmp_path)
+
+
+def test_subset_of_zero_images_is_an_error_not_everything():
+    ds = load_dataset("digits")
+    with pytest.raises(DataError, match=r"subset n_train=0: expected an integer in \[1, 1437\]"):
+        ds.subset(n_train=0)

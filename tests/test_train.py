@@ -72,15 +72,11 @@ def test_schedules():
         make_schedule(TrainConfig(epochs=10, schedule="step", lr_milestones=(12,)), 10)
 
 
-def test_augmentations_shapes_and_content():
+def test_flip_flips_some_images_and_keeps_others():
     x = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
     flipped = random_flip(jax.random.key(0), jnp.concatenate([x] * 16))
     assert any(bool(jnp.array_equal(f, x[0][:, ::-1])) for f in flipped[::2])  # some flipped ...
     assert any(bool(jnp.array_equal(f, x[0])) for f in flipped[::2])  # ... and some not
-    cropped = random_crop(jax.random.key(1), x, 2)
-    assert cropped.shape == x.shape
-    # every crop is the original shifted by at most 2 pixels, with zeros shifted in
-    assert float(cropped.sum()) <= float(x.sum())
 
 
 def test_batch_larger_than_data_is_an_error(digits):
@@ -117,3 +113,45 @@ def test_trainable_layers_only_move_and_unknown_names_are_refused():
     assert moved == {k: k == "fc2" for k in state.params}, moved
     with pytest.raises(ConfigError, match="fc9.*conv1"):
         fit(model, dataclasses.replace(cfg, trainable=("fc9",)), x, y, seed=0)
+
+
+def test_crop_is_the_window_of_the_padded_image_at_the_drawn_offsets():
+    x = jnp.arange(3 * 5 * 6 * 2, dtype=jnp.float32).reshape(3, 5, 6, 2) + 1
+    key, pad = jax.random.key(7), 2
+    got = np.asarray(random_crop(key, x, pad))
+    offsets = np.asarray(jax.random.randint(key, (3, 2), 0, 2 * pad + 1))  # what random_crop draws
+    assert len({tuple(o) for o in offsets}) > 1  # the key gives distinct windows: a fixed offset would fail
+    xp = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    for i, (r, c) in enumerate(offsets):
+        np.testing.assert_array_equal(got[i], xp[i, r:r + 5, c:c + 6])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", r"seed must be an integer in \[0, 2147483647\], got -1"),
+    ("data.n_train=0", r"data.n_train must be >= 1 or none \(all\), got 0"),
+    ("train.crop_padding=-1", "train.crop_padding must be >= 0, got -1"),
+    ("train.lr=inf", "train.lr='inf': expected a finite number"),
+    ("train.lr=nan", "train.lr='nan': expected a finite number"),
+    ("train.lr_milestones=5,5", r"train.lr_milestones must be strictly increasing epochs, got \(5, 5\)"),
+    ("train.lr_milestones=7,3", r"train.lr_milestones must be strictly increasing epochs, got \(7, 3\)"),
+])
+def test_impossible_settings_are_one_clear_error(override, message):
+    from bdjax.config import ExperimentConfig, apply_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(ExperimentConfig(), ["train.schedule=step", "train.lr_milestones=3", override]).validate()
+
+
+def test_programmatic_non_finite_lr_and_duplicate_milestones_are_rejected():
+    with pytest.raises(ConfigError, match="train.lr must be a finite number > 0, got nan"):
+        raise_failed_for(TrainConfig(lr=float("nan")))
+    with pytest.raises(ConfigError, match="train.lr must be a finite number > 0, got inf"):
+        raise_failed_for(TrainConfig(lr=float("inf")))
+    with pytest.raises(ConfigError, match="strictly increasing"):  # optax would merge the two boundaries
+        make_schedule(TrainConfig(epochs=10, schedule="step", lr_milestones=(5, 5)), 10)
+
+
+def raise_failed_for(cfg: TrainConfig):
+    from bdjax.config import raise_failed
+
+    raise_failed(cfg.checks())

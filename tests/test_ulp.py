@@ -1,5 +1,6 @@
-"""Universal Litmus Patterns: the regulariser, pooling, a meta-training run over a small stacked zoo, scores,
-baseline, figures, bad input. The zoo here is randomly initialised models (fast); tests/test_zoo.py trains real ones."""
+"""Universal Litmus Patterns: the regulariser, pooling, detection of held-out backdoored models (conftest's trained
+digits zoos), the scores, the noise baseline, figures, bad input; the reference's schedule on randomly initialised
+models (fast)."""
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +49,40 @@ def test_pooling_shapes():
     assert ulp.pool_logits(logits, "concat").shape == (5, 30) and ulp.pool_logits(logits, "avg").shape == (5, 10)
 
 
-def test_ulp_fits_its_training_zoo_and_scores_every_model(random_zoo, tmp_path):
-    model, variables, labels = random_zoo
-    cfg = ulp.ULPConfig(n_patterns=2, epochs=40, batch_models=4, classifier_lr=0.05)
-    res = ulp.train_ulp(model, variables, labels, variables, labels, SHAPE, 10, cfg)
-    assert res.patterns.shape == (2, *SHAPE) and res.patterns.min() >= 0 and res.patterns.max() <= 1
-    assert res.classifier["kernel"].shape == (20, 2) and len(res.history) == 40
-    assert res.val_acc == max(h["val_acc"] for h in res.history) >= 0.9  # best epoch kept
-    ev = ulp.evaluate_ulp(model, res, variables, labels)
-    assert ev["scores"].shape == (12,) and ev["auc"] >= 0.9
+@pytest.fixture(scope="module")
+def trained_zoos(ulp_run):
+    """(model, image shape, (vars, labels) of meta-train, meta-val and the held-out test zoo, pipeline config):
+    the kept models of conftest's detectable digits zoos (test zoo: other models, unseen triggers)."""
+    from bdjax.pipelines import ulp as pipe
+    from bdjax.zoo import ZooStore
+
+    out, _, cfg = ulp_run
+    model = get_model(cfg.train.model, 2, **cfg.train.model_kwargs())
+    zoos = pipe.meta_zoos(cfg, ZooStore.open(out / "zoo_train"), ZooStore.open(out / "zoo_test"))
+    return model, (8, 8, 1), zoos, cfg
+
+
+def test_ulp_finds_backdoors_of_held_out_models(trained_zoos, tmp_path):
+    from bdjax.pipelines import ulp as pipe
+
+    model, shape, ((tv, ty), (vv, vy), (ev, ey)), cfg = trained_zoos
+    ucfg = ulp.ULPConfig(n_patterns=2, epochs=30, batch_models=24, features="log_softmax", init="stamped",
+                         pattern_lr=0.1)
+    ds = pipe.load_zoo_data(cfg.zoo_config("train"))
+    res = ulp.train_ulp(model, tv, ty, vv, vy, shape, 2, ucfg, init_patterns=pipe.initial_patterns(cfg, ds, 2))
+    assert res.patterns.shape == (2, *shape) and res.patterns.min() >= 0 and res.patterns.max() <= 1
+    assert res.classifier["kernel"].shape == (4, 2) and len(res.history) == 30
+    assert res.val_acc == max(h["val_acc"] for h in res.history)  # best validation epoch kept
+    assert len(set(map(tuple, ev["params"]["conv1"]["kernel"].reshape(len(ey), -1)[:, :3]))) == len(ey)
+    ev_ = ulp.evaluate_ulp(model, res, ev, ey)
+    assert ev_["scores"].shape == (len(ey),) and ev_["auc"] >= 0.9, ev_  # models it never saw, unseen triggers
+    # the scores are the detector's own: P(poisoned) from h over the pooled log-softmax of the patterns
+    f = jax.vmap(lambda v: ulp.pool_logits(model.apply(v, jnp.asarray(res.patterns), train=False)[None], "concat",
+                                           "log_softmax")[0])(ev)
+    want = jax.nn.softmax(f @ res.classifier["kernel"] + res.classifier["bias"], -1)[:, 1]
+    np.testing.assert_allclose(ev_["scores"], want, atol=1e-5)
     ulp.save_patterns(tmp_path / "p.png", res)
-    ulp.save_roc(tmp_path / "roc.png", {"ULP": (ev["scores"], labels)})
+    ulp.save_roc(tmp_path / "roc.png", {"ULP": (ev_["scores"], ey)})
     for f in ("p.png", "roc.png"):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
 
@@ -89,10 +113,19 @@ def dataclasses_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
-def test_noise_baseline_returns_an_auc(random_zoo):
-    model, variables, labels = random_zoo
-    out = ulp.noise_baseline(model, variables, labels, variables, labels, SHAPE, n_patterns=2, batch_models=4)
-    assert 0.0 <= out["auc"] <= 1.0 and out["scores"].shape == (12,)
+def test_noise_baseline_is_logistic_regression_on_the_noise_logits(trained_zoos):
+    from sklearn.linear_model import LogisticRegression
+
+    from bdjax.defenses.metrics import roc_auc
+
+    model, shape, ((tv, ty), _, (ev, ey)), _ = trained_zoos
+    out = ulp.noise_baseline(model, tv, ty, ev, ey, shape, n_patterns=3, seed=4, batch_models=8, features="log_softmax")
+    z = jax.random.uniform(jax.random.key(4), (3, *shape))
+    feats = lambda v: np.asarray(jax.vmap(lambda w: jax.nn.log_softmax(model.apply(w, z, train=False)).reshape(-1))(v))
+    want = LogisticRegression(C=10.0, max_iter=5000).fit(feats(tv), ty).predict_proba(feats(ev))[:, 1]
+    np.testing.assert_allclose(out["scores"], want, atol=1e-4)
+    assert out["auc"] == pytest.approx(roc_auc(want, ey.astype(bool)))
+    assert out["acc"] == pytest.approx(np.mean((want > 0.5) == ey))
 
 
 def test_bad_input(random_zoo):

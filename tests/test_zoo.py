@@ -22,6 +22,7 @@ from bdjax.models import get_model
 from bdjax.train.optim import make_optimizer
 from bdjax.zoo import ZooConfig, ZooStore, plan_zoo, train_zoo
 from bdjax.zoo import population as pop
+from bdjax.zoo import train as zoo_train
 from bdjax.zoo.plan import ModelRecord, TriggerPool, load_trigger_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,7 @@ import bdjax, jax, numpy as np
 assert len(jax.devices()) == 4, jax.devices()
 from test_zoo import _population_run
 from bdjax.zoo import population as pop
+from bdjax.zoo import train as zoo_train
 mesh = pop.model_mesh(4)
 assert mesh is not None and mesh.size == 4
 a, la = _population_run("map", mesh)
@@ -199,6 +201,12 @@ def test_store_round_trip_and_resume_table(tmp_path):
     (lambda m: m["models"][2].update(colour=1), "unknown"),
     (lambda m: m["models"][1].update(source=None), "poisoned model needs"),
     (lambda m: m["chunks"][1].update(start=3), "chunk 1 covers 3..4"),
+    (lambda m: m["chunks"][0].update(complete="false"),
+     r"manifest.json: field 'chunks\[0\].complete' should be a boolean \(true/false\), got 'false' \(str\)"),
+    (lambda m: m["chunks"][1].update(stop=4.0), r"field 'chunks\[1\].stop' should be an integer, got 4.0"),
+    (lambda m: m.update(n_models="4"), r"field 'n_models' should be an integer, got '4' \(str\)"),
+    (lambda m: m.update(config=[]), r"field 'config' should be an object"),
+    (lambda m: m.update(chunks={}), r"field 'chunks' should be a list"),
 ])
 def test_a_damaged_manifest_is_rejected_with_a_reason(tmp_path, mutate, message):
     recs = _records(4)
@@ -209,6 +217,26 @@ def test_a_damaged_manifest_is_rejected_with_a_reason(tmp_path, mutate, message)
     path.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=message):
         ZooStore.open(tmp_path / "z")
+
+
+def test_load_in_any_order_gives_matching_weights_and_records(tmp_path):
+    recs = _records(5)
+    store = ZooStore.create(tmp_path / "z", recs, 2, {})
+    for c, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)]):
+        store.save_chunk(c, _fake_chunk(b - a, seed=c), recs[a:b])
+    alone = {i: store.load([i])[0] for i in range(5)}
+    order = [4, 0, 3, 1, 2, 0]  # across chunks, backwards, a repeat
+    v, r = store.load(order)
+    assert [x.index for x in r] == order
+    for pos, i in enumerate(order):
+        for u, w in zip(jax.tree.leaves(v), jax.tree.leaves(alone[i])):
+            np.testing.assert_array_equal(u[pos], w[0])
+    assert not np.array_equal(alone[4]["params"]["w"][0], alone[0]["params"]["w"][0])  # the check can fail
+    for bad in ([-1], [5], [0, 7]):
+        with pytest.raises(ConfigError, match=r"holds models 0..4; index (-1|5|7) is out of range"):
+            store.load(bad)
+    with pytest.raises(ConfigError, match="non-empty 1-D list of integers"):
+        store.load([])
 
 
 def test_missing_or_corrupted_chunk_is_named(tmp_path):
@@ -236,21 +264,50 @@ def digits_zoo(tmp_path_factory):
     if not TRIGGERS.is_dir():
         pytest.skip("shared/triggers not found")
     out = tmp_path_factory.mktemp("zoo") / "z"
-    cfg = tiny_cfg("zoo.n_clean=3", "zoo.n_poisoned=3", "train.epochs=8", "zoo.min_clean_acc=0.8")
-    return cfg, train_zoo(cfg, out), out
+    cfg = tiny_cfg("zoo.n_clean=3", "zoo.n_poisoned=3", "train.epochs=8", "zoo.min_clean_acc=0.8",
+                   "zoo.min_asr=0.5", "zoo.val_fraction=0.15")
+    seen = []
+    real = zoo_train.train_chunk
+    with pytest.MonkeyPatch.context() as m:  # what the models train on
+        m.setattr(zoo_train, "train_chunk", lambda model, c, recs, ds, *a, **k: seen.append(ds) or real(model, c, recs, ds, *a, **k))
+        store = train_zoo(cfg, out)
+    return cfg, store, out, seen
 
 
 def test_zoo_models_learn_their_backdoors(digits_zoo):
-    cfg, store, out = digits_zoo
+    cfg, store, out, _ = digits_zoo
     recs = store.records
     assert all(store.complete(c) for c in range(len(store.chunks))) and len(recs) == 6
     for r in recs:
-        assert r.clean_acc > 0.85 and r.kept is (r.clean_acc >= 0.8)
-        assert (r.asr is None) == (not r.poisoned)
+        assert r.clean_acc > 0.85 and r.val_acc > 0.85
+        assert (r.asr is None) == (r.val_asr is None) == (not r.poisoned)
         if r.poisoned:
-            assert r.asr > 0.8, r
+            assert r.asr > 0.8 and r.val_asr > 0.8, r
     v, _ = store.load()
     assert v["params"]["conv1"]["kernel"].shape[0] == 6
+
+
+def test_keep_filters_read_held_out_training_images_not_the_test_set(digits_zoo):
+    cfg, store, out, seen = digits_zoo
+    full = load_dataset("digits")
+    fit, x_val, y_val = zoo_train.holdout(full, 0.15, cfg.seed)
+    counts = np.bincount(full.y_train, minlength=10)
+    assert np.bincount(y_val, minlength=10).tolist() == [round(0.15 * n) for n in counts]
+    assert len(fit.y_train) + len(y_val) == len(full.y_train)
+    assert len(seen) == len(store.chunks) and all(len(ds.y_train) == len(fit.y_train) for ds in seen)
+    np.testing.assert_array_equal(seen[0].x_train, fit.x_train)  # the models never saw x_val
+    for r in store.records:
+        assert r.kept is (r.val_acc >= 0.8 and (r.val_asr is None or r.val_asr >= 0.5)), r
+    assert any(r.val_acc != r.clean_acc for r in store.records)  # two different measurements
+    np.testing.assert_array_equal(zoo_train.holdout(full, 0.15, cfg.seed)[1], x_val)  # seeded
+    assert not np.array_equal(zoo_train.holdout(full, 0.15, cfg.seed + 1)[1], x_val)
+
+
+def test_keep_filters_without_a_validation_split_are_refused():
+    with pytest.raises(ConfigError, match=r"zoo.val_fraction must be > 0 when a keep-filter"):
+        tiny_cfg("zoo.min_asr=0.9").validate()
+    with pytest.raises(ConfigError, match=r"zoo.val_fraction=0.999 would hold out all"):
+        zoo_train.holdout(load_dataset("digits"), 0.999, 0)
 
 
 KILL_SCRIPT = r"""

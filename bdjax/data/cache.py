@@ -13,7 +13,7 @@ import numpy as np
 
 from bdjax.data.dataset import Dataset, validate_dataset
 
-_FORMAT = "bdjax-cache-v1"  # bump when a reader's output changes, so old caches stop matching
+_FORMAT = "bdjax-cache-v2"  # bump when a reader's output changes, so old caches stop matching (v2: 16-bit PNGs scaled)
 _KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
 
 

@@ -46,8 +46,8 @@ class Dataset:
 def _pick(rng: np.random.Generator, size: int, n: int | None, field: str) -> slice | np.ndarray:
     if n is None:
         return slice(None)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= size:
-        raise DataError(f"subset {field}={n!r}: expected an integer in [0, {size}]")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= size:
+        raise DataError(f"subset {field}={n!r}: expected an integer in [1, {size}] (None keeps the split whole)")
     return np.sort(rng.choice(size, size=int(n), replace=False))
 
 

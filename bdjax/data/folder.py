@@ -14,7 +14,8 @@ from PIL import Image
 from bdjax.errors import DataError
 
 SPLITS = ("train", "test")
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_GRAY_MODES = frozenset({"1", "L", "LA"})
+_WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit grey (PNG, TIFF), 32-bit integer
 _CHUNK = 512  # files per task: per-task overhead would dominate the ~70 us decode of a 32x32 JPEG
 
 
@@ -87,11 +88,27 @@ def _decode(path: str) -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as im:
+            if im.mode in _WIDE_MODES:
+                return _to_8bit(np.asarray(im), im.mode, path)
+            if im.mode == "F":
+                raise DataError(f"{path}: floating-point pixels (mode F) have no defined range; expected 8- or "
+                                "16-bit images")
             if im.mode in _GRAY_MODES:
                 return np.asarray(im.convert("L"))
             return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for corrupt files; any of them means "not an image"
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _to_8bit(a: np.ndarray, mode: str, path: str) -> np.ndarray:
+    """16-bit grey 0..65535 scaled to 0..255 with rounding (PIL's convert("L") clips: everything above 255 turned
+    white)."""
+    a = np.asarray(a).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"{path}: mode {mode} pixels span {a.min()}..{a.max()}, expected 16-bit values 0..65535")
+    return ((a * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _decode_chunk(paths: list[str]) -> list[np.ndarray]:

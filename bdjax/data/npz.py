@@ -65,4 +65,10 @@ def read_npz(path: Path, name: str) -> Dataset:
         # Range-check before the int32 cast, which could wrap a huge int64 label into range.
         check_labels(out[f"y_{split}"], len(class_names), f"{path} y_{split}")
         out[f"y_{split}"] = out[f"y_{split}"].astype(np.int32)
+    # A class without training images would be an empty class that, e.g., a zoo can draw as a source class
+    # (its "poisoned" model then gets no poisons).
+    missing = np.flatnonzero(np.bincount(out["y_train"], minlength=len(class_names)) == 0)
+    if len(missing):
+        raise DataError(f"{path} y_train: no image has label(s) {missing.tolist()}; expected every label "
+                        f"0..{len(class_names) - 1} to occur (relabel the classes to consecutive integers)")
     return Dataset(name, out["x_train"], out["y_train"], out["x_test"], out["y_test"], class_names)

@@ -53,6 +53,25 @@ ICA_MAX_ITER = 200  # see _reduce: the clusters do not depend on ICA's convergen
 SILHOUETTE_SAMPLE = 2000  # the silhouette costs O(n^2) distances; a 2000-sample estimate is within ~0.01
 
 
+@dataclasses.dataclass(frozen=True)
+class ACConfig:
+    """Activation Clustering's settings, as activation_clustering's keyword arguments (bdjax.pipelines.defend)."""
+
+    n_components: int = 10  # dimensions each label's activations are reduced to before 2-means
+    reduce: str = "pca"  # pca (ART's default) | ica (the paper's FastICA)
+    normalize: str = "none"  # none (the paper) | l2: each activation scaled to unit norm first
+    criterion: str = "size"  # size: flag the smaller cluster if small enough | silhouette: if well separated
+    size_threshold: float = 0.35  # criterion=size: largest relative size of a flagged cluster
+    silhouette_threshold: float = 0.15  # criterion=silhouette: smallest silhouette score of a flagged label
+
+    def validate(self) -> "ACConfig":
+        _check(np.zeros((2, 1)), np.zeros(2, np.int64), None, **self.kwargs())
+        return self
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class ACResult:
     """Outcome of activation clustering over N samples."""

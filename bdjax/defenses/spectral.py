@@ -237,6 +237,29 @@ def _exact_class_scores(r: np.ndarray, centered: bool) -> tuple[np.ndarray, floa
     return proj * proj, float(s[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class SpectralConfig:
+    """Spectral Signatures' settings, as spectral_filter's keyword arguments (bdjax.pipelines.defend)."""
+
+    # assumed poison budget, a fraction of each class (the paper's eps); None: the attack's true one (the
+    # paper's experiments), capped below a whole class by the pipeline. 1.5 * eps of every class is removed
+    eps: float | None = None
+    mode: str = "eps"  # eps: remove the top ceil(1.5 eps n_c) of each class (paper) | percentile (official code)
+    percentile: float = 85.0  # mode=percentile: remove the scores above this percentile of each class
+    centered: bool = True  # subtract each class's mean representation before the SVD
+    method: str = "randomized"  # randomized: on-device randomized SVD | exact: numpy SVD
+    oversample: int = 10  # randomized SVD: extra dimensions of the sketch
+    n_iter: int = 4  # randomized SVD: power iterations
+
+    def validate(self) -> "SpectralConfig":
+        _check_options(self.mode, 0.1 if self.eps is None else self.eps, self.percentile, self.method,
+                       self.oversample, self.n_iter)
+        return self
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class SpectralResult:
     """Outcome of a spectral filter over N samples."""

@@ -51,6 +51,28 @@ RULES = ("normal", "empirical")
 IMAGES_PER_CALL = 2000  # default batch: about this many superimposed images per compiled call
 
 
+@dataclasses.dataclass(frozen=True)
+class StripConfig:
+    """STRIP's settings, as run_strip's keyword arguments (bdjax.pipelines.defend passes them)."""
+
+    n_overlay: int = 100  # clean held-out images superimposed on each input (N)
+    frr: float = 0.01  # false rejection rate the entropy threshold is set for
+    rule: str = "normal"  # normal (the official fit of a normal to clean entropies) | empirical (their quantile)
+    blend: str = "add"  # add: clip(x + bg, 0, 1) | sum: x + bg unclipped (the notebook) | average: (x + bg) / 2
+    batch_size: int | None = None  # inputs per compiled call (None: about 2000 superimposed images)
+
+    def validate(self) -> "StripConfig":
+        strip_threshold([0.0, 1.0], self.frr, self.rule)
+        if self.blend not in BLENDS:
+            raise ConfigError(f"strip blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
+        if self.n_overlay < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise ConfigError(f"strip n_overlay and batch_size must be >= 1, got {self.n_overlay}, {self.batch_size}")
+        return self
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class StripResult:
     threshold: float

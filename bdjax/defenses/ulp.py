@@ -49,20 +49,20 @@ INITS = ("uniform", "stamped")
 
 @dataclasses.dataclass(frozen=True)
 class ULPConfig:
-    n_patterns: int = 10  # M
+    n_patterns: int = 10  # M, the number of litmus patterns
     pooling: str = "concat"  # concat | avg
     features: str = "logits"  # logits (the reference) | log_softmax (each pattern's logits minus their logsumexp)
-    epochs: int = 1000
+    epochs: int = 1000  # passes over the train zoo; the epoch with the best validation accuracy is kept
     batch_models: int = 50  # models per step
-    pattern_lr: float = 1e3 / 255**2
-    classifier_lr: float = 1e-3
+    pattern_lr: float = 1e3 / 255**2  # SGD on the patterns (the reference's 1e3 on 0..255 inputs)
+    classifier_lr: float = 1e-3  # Adam on the linear classifier h
     classifier_steps: str = "per_model"  # per_model (the reference: one Adam step per model) | per_batch
-    tv_weight: float = 1e-6 * 255
+    tv_weight: float = 1e-6 * 255  # weight of the patterns' total variation (the reference's 1e-6 on 0..255)
     mode: str = "auto"  # auto | vmap | map
     # uniform (the reference) | stamped: clean images, one per class in turn, with the train pool's triggers in all 4
     # corners (bdjax.pipelines.ulp builds them); on the CIFAR-10 small zoo uniform starts overfit the 10 seen masks
     init: str = "uniform"
-    seed: int = 0
+    seed: int = 0  # initial patterns, classifier and model order
 
     def validate(self) -> "ULPConfig":
         checks = [(self.n_patterns >= 1, "n_patterns", ">= 1"), (self.pooling in POOLINGS, "pooling", "concat or avg"),

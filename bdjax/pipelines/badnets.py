@@ -36,7 +36,7 @@ class BadNetsResult:
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
     ds = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, data_dir=cfg.data.tfds_dir)
-    if cfg.data.n_train or cfg.data.n_test:
+    if cfg.data.n_train is not None or cfg.data.n_test is not None:
         ds = ds.subset(cfg.data.n_train, cfg.data.n_test, seed=cfg.seed)
     return ds
 

@@ -10,14 +10,16 @@
    ROC AUC on the test zoo; and the noise baseline (M uniform-noise inputs + logistic regression) with the same M.
 3. Neural Cleanse's model score (largest anomaly index below the median) on the test zoo models, as an AUC.
 
-Every finished step is written under OUT/ulp/ (patterns as .npz, rows as JSON) so a killed run resumes without
-redoing it. summary.json has `rows` (method, M, auc, acc, scale) and the shared fields (clean_acc and asr are
+Every finished step is written under OUT/ulp/ (patterns as .npz, rows as JSON, each row with the settings that
+produced it) so a killed run resumes without redoing it. A rerun with changed settings recomputes the rows those
+settings change and reuses the others (the zoos themselves refuse other settings: bdjax.zoo.store). summary.json has `rows` (method, M, auc, acc, scale) and the shared fields (clean_acc and asr are
 the test zoo's mean clean accuracy and mean poisoned-model ASR).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,12 +28,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bdjax import runtime
-from bdjax.config import DataConfig, TrainConfig, raise_failed, to_dict
+from bdjax.config import DataConfig, TrainConfig, from_dict, matches_saved, raise_failed, saved_form, to_dict
 from bdjax.defenses import neural_cleanse as nc
+from bdjax.defenses.neural_cleanse import NCConfig
 from bdjax.defenses import ulp
 from bdjax.defenses.metrics import roc_auc
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
+from bdjax.pipelines import nc_fields  # noqa: F401  (NCConfig's field docs)
 from bdjax.results import RunDir, write_json
 from bdjax.train.loop import progress_enabled
 from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo, trigger_pool
@@ -39,26 +43,26 @@ from bdjax.zoo.train import ZooConfig, ZooSection, load_zoo_data, train_zoo, tri
 
 @dataclasses.dataclass(frozen=True)
 class TestZooSection:
-    n_clean: int = 8
-    n_poisoned: int = 8
+    n_clean: int = 8  # clean models of the test zoo (its other settings are zoo.*'s)
+    n_poisoned: int = 8  # poisoned models of the test zoo, with the unseen test pool's triggers
 
 
 @dataclasses.dataclass(frozen=True)
 class BaselineSection:
-    noise: bool = True
-    neural_cleanse: bool = True
+    noise: bool = True  # the noise-input baseline: M uniform-noise images + logistic regression
+    neural_cleanse: bool = True  # Neural Cleanse's model score (largest anomaly index below the median)
     nc_models: int = 0  # test zoo models scanned by Neural Cleanse, half clean half poisoned (0: all)
     nc_images: int = 1000  # clean test images NC optimises on
-    nc_batch: int = 32
-    nc_steps_per_check: int = 31
-    nc_max_checks: int = 1000
+    nc: NCConfig = dataclasses.field(default_factory=NCConfig)  # Neural Cleanse's settings
+
+    RENAMED = {"nc_batch": "nc.batch_size", "nc_steps_per_check": "nc.steps_per_check", "nc_max_checks": "nc.max_checks"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ULPExperimentConfig:
-    experiment: str = "ulp"
+    experiment: str = "ulp"  # the run's name (its zoos are <experiment>_zoo_train and _zoo_test)
     scale: str = "custom"  # recorded in every row: which preset produced the number
-    seed: int = 0
+    seed: int = 0  # zoos, meta-train/val split, ULP, noise inputs and Neural Cleanse all derive from it
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=lambda: ZooConfig().train)
     zoo: ZooSection = dataclasses.field(default_factory=ZooSection)  # the train/val zoo (train trigger pool)
@@ -67,6 +71,9 @@ class ULPExperimentConfig:
     patterns: tuple[int, ...] = (1, 5, 10)  # the M values
     ulp: ulp.ULPConfig = dataclasses.field(default_factory=ulp.ULPConfig)
     baselines: BaselineSection = dataclasses.field(default_factory=BaselineSection)
+
+    # set by the pipeline: ULP runs once per M of `patterns`, with the run's seed (as NC: baselines.nc.seed)
+    DERIVED = {"ulp.n_patterns": "patterns", "ulp.seed": "seed", "baselines.nc.seed": "seed"}
 
     def validate(self) -> "ULPExperimentConfig":
         b = self.baselines
@@ -79,11 +86,10 @@ class ULPExperimentConfig:
             (0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction),
             (len(self.patterns) >= 1 and all(m >= 1 for m in self.patterns), "patterns", "M values >= 1", self.patterns),
             (b.nc_models >= 0, "baselines.nc_models", ">= 0", b.nc_models),
-            (b.nc_images >= b.nc_batch >= 1, "baselines.nc_images", f">= baselines.nc_batch ({b.nc_batch}) >= 1",
+            (b.nc_images >= b.nc.batch_size, "baselines.nc_images", f">= baselines.nc.batch_size ({b.nc.batch_size})",
              b.nc_images),
-            (b.nc_steps_per_check >= 1 and b.nc_max_checks >= 1, "baselines.nc_steps_per_check/nc_max_checks",
-             ">= 1", (b.nc_steps_per_check, b.nc_max_checks)),
         ])
+        b.nc.validate()
         self.ulp.validate()
         self.zoo_config("train").validate()
         return self
@@ -130,18 +136,57 @@ def _select(tree, idx):
 
 
 class _Steps:
-    """Finished steps of a run, one JSON file each under OUT/ulp/, so a rerun skips them."""
+    """Finished steps of a run, one JSON file each under OUT/ulp/ with the settings that produced it
+    ({"producer": config, "value": ...}): a rerun reuses a step only when its producer matches the current one
+    (bdjax.config.matches_saved), and recomputes it otherwise. Recomputing is safe here: a step is derived from
+    the zoos, which refuse other settings themselves."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, previous: dict | None = None):
         self.root = root
+        # The run's config.json before this run replaced it: vouches for step files written without a producer
+        # by an older bdjax (they were written by the run that config describes).
+        self.previous = previous
         root.mkdir(parents=True, exist_ok=True)
 
-    def get(self, name: str):
+    def get(self, name: str, producer):
         p = self.root / f"{name}.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        if not p.exists():
+            return None
+        saved = json.loads(p.read_text())
+        if isinstance(saved, dict) and set(saved) == {"producer", "value"}:
+            if matches_saved(saved["producer"], producer):
+                return saved["value"]
+        elif self._vouched(name, producer):
+            return saved
+        print(f"bdjax: {p} was computed with other settings; recomputing it", file=sys.stderr)
+        return None
 
-    def put(self, name: str, value) -> None:
-        write_json(self.root / f"{name}.json", value)
+    def _vouched(self, name: str, producer) -> bool:
+        try:
+            return self.previous is not None and matches_saved(
+                saved_form(step_producer(from_dict(type(producer), self.previous), name)), producer)
+        except (ConfigError, TypeError):
+            return False
+
+    def put(self, name: str, value, producer) -> None:
+        write_json(self.root / f"{name}.json", {"producer": saved_form(producer), "value": value})
+
+
+def step_producer(cfg: ULPExperimentConfig, name: str) -> ULPExperimentConfig:
+    """The settings a step's result depends on: cfg with what the step does not read reset to its defaults, so
+    e.g. adding an M or changing the NC budget leaves the ULP rows valid."""
+    d = ULPExperimentConfig()
+    base = dataclasses.replace(cfg, patterns=d.patterns, baselines=d.baselines)
+    kind, _, m = name.partition("_M")
+    if kind == "ulp":
+        return dataclasses.replace(base, patterns=(int(m),))
+    if kind == "noise":  # reads the zoos and three of ULP's settings
+        u = cfg.ulp
+        return dataclasses.replace(base, patterns=(int(m),), ulp=dataclasses.replace(
+            d.ulp, mode=u.mode, batch_models=u.batch_models, features=u.features))
+    if name.startswith("neural_cleanse"):
+        return dataclasses.replace(base, ulp=d.ulp, baselines=dataclasses.replace(cfg.baselines, noise=True))
+    raise ValueError(f"unknown ULP step {name!r}")
 
 
 def initial_patterns(cfg: ULPExperimentConfig, ds, m: int):
@@ -153,7 +198,9 @@ def initial_patterns(cfg: ULPExperimentConfig, ds, m: int):
 
 
 def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, ds, run: RunDir, steps: _Steps):
-    done = steps.get(f"ulp_M{m}")
+    name = f"ulp_M{m}"
+    producer = step_producer(cfg, name)
+    done = steps.get(name, producer)
     if done is not None:
         return done
     (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = zoos
@@ -166,12 +213,14 @@ def _ulp_row(model, cfg: ULPExperimentConfig, m: int, zoos, ds, run: RunDir, ste
     ulp.save_patterns(run.figure(f"ulp_patterns_M{m}.png"), res)
     row = {"method": "ULP", "M": m, "auc": ev["auc"], "acc": ev["acc"], "scale": cfg.scale, **res.summary(),
            "test_scores": ev["scores"]}
-    steps.put(f"ulp_M{m}", row)
-    return steps.get(f"ulp_M{m}")  # read back: a fresh and a resumed run report the same JSON values
+    steps.put(name, row, producer)
+    return steps.get(name, producer)  # read back: a fresh and a resumed run report the same JSON values
 
 
 def _noise_row(model, cfg, m, zoos, shape, steps: _Steps):
-    done = steps.get(f"noise_M{m}")
+    name = f"noise_M{m}"
+    producer = step_producer(cfg, name)
+    done = steps.get(name, producer)
     if done is not None:
         return done
     (tr_v, tr_y), (va_v, va_y), (te_v, te_y) = zoos
@@ -181,8 +230,8 @@ def _noise_row(model, cfg, m, zoos, shape, steps: _Steps):
                            mode=cfg.ulp.mode, batch_models=cfg.ulp.batch_models, features=cfg.ulp.features)
     row = {"method": "noise", "M": m, "auc": r["auc"], "acc": r["acc"], "scale": cfg.scale, "features": cfg.ulp.features,
            "test_scores": r["scores"]}
-    steps.put(f"noise_M{m}", row)
-    return steps.get(f"noise_M{m}")
+    steps.put(name, row, producer)
+    return steps.get(name, producer)
 
 
 def nc_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -195,28 +244,29 @@ def nc_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _nc_row(model, cfg: ULPExperimentConfig, test_zoo, ds, steps: _Steps):
-    done = steps.get("neural_cleanse")
+    producer = step_producer(cfg, "neural_cleanse")
+    done = steps.get("neural_cleanse", producer)
     if done is not None:
         return done
     te_v, te_y = test_zoo
     b = cfg.baselines
     idx = nc_subset(te_y, b.nc_models, cfg.seed)
-    nc_cfg = nc.NCConfig(batch_size=b.nc_batch, steps_per_check=b.nc_steps_per_check, max_checks=b.nc_max_checks,
-                      seed=cfg.seed)
+    nc_cfg = dataclasses.replace(b.nc, seed=cfg.seed)
     x_clean = ds.x_test[np.random.default_rng(cfg.seed).permutation(len(ds.x_test))[:b.nc_images]]
-    partial = steps.get("neural_cleanse_partial") or {"scores": []}
+    partial = steps.get("neural_cleanse_partial", producer) or {"scores": []}
     t0 = time.time()
     for k in tqdm(range(len(partial["scores"]), len(idx)), desc="Neural Cleanse over the test zoo", unit="model",
                   disable=not progress_enabled()):
         v = jax.tree.map(lambda a: a[idx[k]], te_v)
         partial["scores"].append(nc.model_score(nc.neural_cleanse(model, v, x_clean, ds.num_classes, config=nc_cfg)))
-        steps.put("neural_cleanse_partial", partial)  # one model at a time: a kill loses at most one scan
+        steps.put("neural_cleanse_partial", partial, producer)  # one model at a time: a kill loses at most one scan
     scores = np.asarray(partial["scores"], float)
     y = te_y[idx].astype(bool)
-    row = {"method": "neural_cleanse", "M": None, "auc": roc_auc(scores, y), "acc": float(np.mean((scores > 2.0) == y)),
+    row = {"method": "neural_cleanse", "M": None, "auc": roc_auc(scores, y),
+           "acc": float(np.mean((scores > nc_cfg.anomaly_threshold) == y)),
            "scale": cfg.scale, "n_models": int(len(idx)), "test_scores": scores, "nc_s": time.time() - t0}
-    steps.put("neural_cleanse", row)
-    return steps.get("neural_cleanse")
+    steps.put("neural_cleanse", row, producer)
+    return steps.get("neural_cleanse", producer)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -229,7 +279,9 @@ def markdown_table(rows: list[dict]) -> str:
 def _zoo_stats(records) -> dict:
     clean = [r.clean_acc for r in records]
     asr = [r.asr for r in records if r.poisoned]
+    val = [r.val_acc for r in records if r.val_acc is not None]
     return {"n_models": len(records), "n_poisoned": int(sum(r.poisoned for r in records)),
+            "mean_val_acc": float(np.mean(val)) if val else None,
             "n_kept": int(sum(bool(r.kept) for r in records)), "mean_clean_acc": float(np.mean(clean)),
             "min_clean_acc": float(np.min(clean)), "mean_asr": float(np.mean(asr)) if asr else None,
             "min_asr": float(np.min(asr)) if asr else None}
@@ -239,6 +291,7 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
     cfg.validate()
     t0 = time.time()
     run = RunDir(out)
+    previous = run.read_config()
     run.write_config(to_dict(cfg))
     ds = load_zoo_data(cfg.zoo_config("train"))
     model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
@@ -248,7 +301,7 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
     zoos = meta_zoos(cfg, stores["train"], stores["test"])
     te_v, te_y = zoos[2]
 
-    steps = _Steps(run.path / "ulp")
+    steps = _Steps(run.path / "ulp", previous)
     rows = []
     for m in cfg.patterns:
         rows.append(_ulp_row(model, cfg, m, zoos, ds, run, steps))
@@ -292,6 +345,7 @@ def demo_ulp_config(seed: int = 0) -> ULPExperimentConfig:
 
     return apply_overrides(ULPExperimentConfig(experiment="demo_ulp", scale="demo", seed=seed), [
         "data.dataset=digits", "zoo.trigger_dir=random", "zoo.trigger_size=3", "zoo.n_clean=48", "zoo.n_poisoned=48",
-        "zoo.chunk_size=48", "zoo.mode=vmap", "zoo.min_asr=0.8", "test_zoo.n_clean=16", "test_zoo.n_poisoned=16",
+        "zoo.chunk_size=48", "zoo.mode=vmap", "zoo.min_asr=0.8", "zoo.val_fraction=0.1",
+        "test_zoo.n_clean=16", "test_zoo.n_poisoned=16",
         "train.model_options=width=4,hidden=16", "train.epochs=8", "train.lr=0.01", "patterns=1,5", "ulp.epochs=100",
         "ulp.pattern_lr=10", "ulp.features=log_softmax", "ulp.batch_models=48", "baselines.neural_cleanse=false"])

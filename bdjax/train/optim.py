@@ -15,10 +15,13 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(cfg.lr, decay_steps=max(total, 1))
     if cfg.schedule == "step":
-        bad = [m for m in cfg.lr_milestones if not 0 < m < cfg.epochs]
-        if bad or not cfg.lr_milestones:
+        ms = list(cfg.lr_milestones)
+        bad = [m for m in ms if not 0 < m < cfg.epochs]
+        if bad or not ms:
             raise ConfigError(f"train.lr_milestones must be epochs strictly between 0 and {cfg.epochs} for the step "
                               f"schedule, got {cfg.lr_milestones}")
+        if ms != sorted(set(ms)):  # optax would merge duplicates into one boundary: gamma applied once, not twice
+            raise ConfigError(f"train.lr_milestones must be strictly increasing epochs, got {cfg.lr_milestones}")
         return optax.piecewise_constant_schedule(cfg.lr, {m * steps_per_epoch: cfg.lr_gamma for m in cfg.lr_milestones})
     raise ConfigError(f"unknown train.schedule {cfg.schedule!r}; expected constant, step or cosine")
 

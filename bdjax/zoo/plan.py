@@ -35,27 +35,32 @@ class ModelRecord:
     source: int | None = None
     target: int | None = None
     corner: str | None = None
-    clean_acc: float | None = None
+    clean_acc: float | None = None  # clean TEST accuracy
     asr: float | None = None  # accuracy on triggered source-class test images labelled target (poisoned models)
-    kept: bool | None = None  # passed the keep-filters
+    val_acc: float | None = None  # the same two on the held-out validation images (zoo.val_fraction > 0) ...
+    val_asr: float | None = None
+    kept: bool | None = None  # ... which the keep-filters read: test data never chooses models
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ModelRecord))
+ADDED_FIELDS = ("val_acc", "val_asr")  # absent from manifests written before they existed: read as null
 
 
 def record_from_dict(d: dict, where: str) -> ModelRecord:
     """Validate one manifest row (exact fields, types) and build the record."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected an object with fields {', '.join(RECORD_FIELDS)}, got {type(d).__name__}")
+    d = {**{k: None for k in ADDED_FIELDS}, **d}
     missing, unknown = set(RECORD_FIELDS) - set(d), set(d) - set(RECORD_FIELDS)
     if missing or unknown:
         raise ConfigError(f"{where}: fields {sorted(missing)} missing, {sorted(unknown)} unknown; expected exactly "
                           f"{', '.join(RECORD_FIELDS)}")
     types = {"index": int, "poisoned": bool, "seed": int, "trigger": str, "trigger_id": int, "source": int,
-             "target": int, "corner": str, "clean_acc": float, "asr": float, "kept": bool}
+             "target": int, "corner": str, "clean_acc": float, "asr": float, "val_acc": float, "val_asr": float,
+             "kept": bool}
     for name, typ in types.items():
         v = d[name]
         ok = v is None and name not in ("index", "poisoned", "seed")

@@ -33,7 +33,7 @@ from bdjax.zoo.plan import ModelRecord, record_from_dict
 FORMAT = "bdjax-zoo/1"
 
 
-RESULT_FIELDS = ("clean_acc", "asr", "kept")  # filled in by training; the rest of a record is the plan
+RESULT_FIELDS = ("clean_acc", "asr", "val_acc", "val_asr", "kept")  # filled in by training; the rest of a record is the plan
 
 
 def _plan_fields(record: dict) -> dict:
@@ -158,31 +158,56 @@ class ZooStore:
         return tree
 
     def load(self, indices=None) -> tuple[dict, list[ModelRecord]]:
-        """(stacked variables, records) of the models `indices` (default: all), read chunk by chunk."""
+        """(stacked variables, records) of the models `indices` (default: all), in the order asked for (repeats
+        allowed); each chunk is read once."""
         records = self.records
-        indices = np.arange(len(records)) if indices is None else np.asarray(indices)
-        parts = []
-        for c, chunk in enumerate(self.chunks):
-            sel = indices[(indices >= chunk["start"]) & (indices < chunk["stop"])]
-            if len(sel):
-                tree = self.load_chunk(c)
-                parts.append(jax.tree.map(lambda a, s=sel - chunk["start"]: a[s], tree))
-        if not parts:
-            raise CheckpointError(f"no models selected from zoo {self.root}")
-        stacked = jax.tree.map(lambda *a: np.concatenate(a), *parts)
-        return stacked, [records[i] for i in indices]
+        n = len(records)
+        idx = np.arange(n) if indices is None else _check_indices(indices, n, self.root)
+        starts = np.array([c["start"] for c in self.chunks])
+        chunk_of = np.searchsorted(starts, idx, side="right") - 1
+        out = None
+        for c in np.unique(chunk_of):
+            at = np.flatnonzero(chunk_of == c)  # positions in the request served by chunk c
+            tree = self.load_chunk(int(c))
+            part = jax.tree.map(lambda a, s=idx[at] - self.chunks[c]["start"]: a[s], tree)
+            if out is None:
+                out = jax.tree.map(lambda a: np.empty((len(idx), *a.shape[1:]), a.dtype), part)
+            jax.tree.map(lambda o, p, at=at: o.__setitem__(at, p), out, part)
+        return out, [records[i] for i in idx]
+
+
+def _check_indices(indices, n: int, root) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):  # booleans are not indices
+        raise ConfigError(f"zoo {root}: model indices must be a non-empty 1-D list of integers, got {indices!r}")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:  # a negative index would wrap around in the records but select no weights
+        raise ConfigError(f"zoo {root} holds models 0..{n - 1}; index {int(bad[0])} is out of range")
+    return idx.astype(np.int64)
+
+
+def _expect_type(value, typ: type, field: str, where: str) -> None:
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):  # JSON true is not a count
+        raise CheckpointError(f"{where}: field {field!r} should be {_JSON_NAMES[typ]}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
+_JSON_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list", bool: "a boolean (true/false)"}
+MANIFEST_TYPES = {"format": str, "config": dict, "n_models": int, "chunks": list, "models": list}
+CHUNK_TYPES = {"index": int, "start": int, "stop": int, "complete": bool}
 
 
 def validate_manifest(m, where: str) -> None:
-    """Raise CheckpointError naming what is wrong with a manifest (structure, records, chunk table)."""
+    """Raise CheckpointError naming what is wrong with a manifest (structure, field types, records, chunk table)."""
     if not isinstance(m, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
-    for key in ("format", "config", "n_models", "chunks", "models"):
+    for key, typ in MANIFEST_TYPES.items():
         if key not in m:
             raise CheckpointError(f"{where}: missing field {key!r} (expected format, config, n_models, chunks, models)")
+        _expect_type(m[key], typ, key, where)
     if m["format"] != FORMAT:
         raise CheckpointError(f"{where}: format {m['format']!r} is not {FORMAT!r}")
-    if not isinstance(m["models"], list) or len(m["models"]) != m["n_models"]:
+    if len(m["models"]) != m["n_models"]:
         raise CheckpointError(f"{where}: n_models is {m['n_models']} but {len(m['models'])} model records are listed")
     for i, d in enumerate(m["models"]):
         try:
@@ -193,8 +218,11 @@ def validate_manifest(m, where: str) -> None:
             raise CheckpointError(f"{where}: model record {i} has index {r.index}")
     expect = 0
     for c, chunk in enumerate(m["chunks"]):
-        if not isinstance(chunk, dict) or set(chunk) != {"index", "start", "stop", "complete"}:
+        _expect_type(chunk, dict, f"chunks[{c}]", where)
+        if set(chunk) != set(CHUNK_TYPES):
             raise CheckpointError(f"{where}: chunk {c} should have index, start, stop, complete")
+        for key, typ in CHUNK_TYPES.items():
+            _expect_type(chunk[key], typ, f"chunks[{c}].{key}", where)
         if chunk["index"] != c or chunk["start"] != expect or not chunk["start"] < chunk["stop"] <= m["n_models"]:
             raise CheckpointError(f"{where}: chunk {c} covers {chunk['start']}..{chunk['stop']}, expected to start at "
                                   f"{expect} and end within {m['n_models']} models")

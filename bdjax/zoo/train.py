@@ -7,8 +7,10 @@ Each chunk is one population (bdjax.zoo.population): its models train together, 
 the devices; the population state is checkpointed every `train.checkpoint_every` epochs, so a kill loses at most
 that much work of the current chunk; completed chunks are never retrained. After training, every model is
 evaluated (clean test accuracy, poisoned-input accuracy on its triggered source-class test images) and the
-keep-filters of ULP are recorded per model (`kept`): clean_acc >= zoo.min_clean_acc, and for a poisoned model
-asr >= zoo.min_asr. Models that fail are kept in the zoo (and flagged), so nothing is silently retrained.
+keep-filters of ULP are recorded per model (`kept`): val_acc >= zoo.min_clean_acc, and for a poisoned model
+val_asr >= zoo.min_asr, both measured on `zoo.val_fraction` of each class's training images, held out (seeded)
+before training, as the reference keeps models on validation accuracy: test data never chooses models. Models
+that fail are kept in the zoo (and flagged), so nothing is silently retrained.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import jax
 import numpy as np
 
 from bdjax import distributed
-from bdjax.config import DataConfig, TrainConfig, raise_failed
+from bdjax.config import DataConfig, TrainConfig, raise_failed, seed_check
 from bdjax.data import Dataset, load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
@@ -38,8 +40,8 @@ RANDOM_TRIGGERS = "random"
 
 @dataclasses.dataclass(frozen=True)
 class ZooSection:
-    n_clean: int = 8
-    n_poisoned: int = 8
+    n_clean: int = 8  # clean models
+    n_poisoned: int = 8  # poisoned models, each with its own trigger, source, target and corner
     pool: str = "train"  # train | test: which half of the trigger images the poisoned models use
     # default: <data root>/../triggers/ulp_cifar10; "random": 10 seeded random black/white patches per pool
     # (no files needed: the offline demo), of size trigger_size (default 3)
@@ -47,15 +49,18 @@ class ZooSection:
     trigger_size: int | None = None  # resize the pool's images (None: as stored, 5x5 for the ULP masks)
     chunk_size: int = 16  # models trained together (and stored together)
     mode: str = "auto"  # auto | vmap | map (see bdjax.zoo.population)
-    min_clean_acc: float = 0.0  # keep-filters (ULP CIFAR-10: 0.75 and 0.90)
-    min_asr: float = 0.0
-    eval_batch_size: int = 500
+    min_clean_acc: float = 0.0  # keep-filter on the validation accuracy (ULP CIFAR-10: 0.75)
+    min_asr: float = 0.0  # keep-filter on a poisoned model's validation ASR (ULP CIFAR-10: 0.90)
+    # of each class's training images, held out (seeded) to evaluate the keep-filters on; the models never
+    # train on them (0: none, only allowed without keep-filters)
+    val_fraction: float = 0.0
+    eval_batch_size: int = 500  # images per evaluation call
 
 
 @dataclasses.dataclass(frozen=True)
 class ZooConfig:
-    experiment: str = "zoo"
-    seed: int = 0
+    experiment: str = "zoo"  # the zoo's name
+    seed: int = 0  # the zoo's plan (models, triggers, sources, targets), subsets and validation split
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     zoo: ZooSection = dataclasses.field(default_factory=ZooSection)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
@@ -65,6 +70,8 @@ class ZooConfig:
     def validate(self) -> "ZooConfig":
         z, t = self.zoo, self.train
         checks = [
+            seed_check(self.seed),
+            *self.data.checks(),
             (z.n_clean >= 0 and z.n_poisoned >= 0 and z.n_clean + z.n_poisoned > 0, "zoo.n_clean/n_poisoned",
              ">= 0 with at least one model", (z.n_clean, z.n_poisoned)),
             (z.pool in ("train", "test"), "zoo.pool", "train or test", z.pool),
@@ -73,6 +80,10 @@ class ZooConfig:
             (z.mode in ("auto",) + pop.MODES, "zoo.mode", "auto, vmap or map", z.mode),
             (0 <= z.min_clean_acc <= 1, "zoo.min_clean_acc", "in [0, 1]", z.min_clean_acc),
             (0 <= z.min_asr <= 1, "zoo.min_asr", "in [0, 1]", z.min_asr),
+            (0 <= z.val_fraction < 1, "zoo.val_fraction", "in [0, 1)", z.val_fraction),
+            (z.val_fraction > 0 or (z.min_clean_acc == 0 and z.min_asr == 0), "zoo.val_fraction",
+             "> 0 when a keep-filter (zoo.min_clean_acc, zoo.min_asr) is set, so that the filters read held-out "
+             "training images, not the test set", z.val_fraction),
             (z.eval_batch_size >= 1, "zoo.eval_batch_size", ">= 1", z.eval_batch_size),
             *t.checks(),
         ]
@@ -98,12 +109,51 @@ def trigger_pool(cfg: ZooConfig, channels: int) -> TriggerPool:
 def load_zoo_data(cfg: ZooConfig) -> Dataset:
     d = cfg.data
     ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir)
-    if d.n_train or d.n_test:
+    if d.n_train is not None or d.n_test is not None:
         ds = ds.subset(d.n_train, d.n_test, seed=cfg.seed)
     return ds
 
 
+def holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """(ds without its validation images, x_val, y_val): round(fraction * n_k) of each class k's training images
+    (at least one), drawn from `seed`. fraction 0: (ds, empty, empty)."""
+    if fraction == 0:
+        return ds, ds.x_train[:0], ds.y_train[:0]
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: not the subset's draw
+    val = []
+    for k in range(ds.num_classes):
+        members = np.flatnonzero(ds.y_train == k)
+        n_val = max(1, int(round(fraction * len(members))))
+        if n_val >= len(members):
+            raise ConfigError(f"zoo.val_fraction={fraction} would hold out all {len(members)} training images of "
+                              f"class {k}; lower it or use more training data")
+        val.append(rng.choice(members, n_val, replace=False))
+    is_val = np.zeros(len(ds.y_train), bool)
+    is_val[np.concatenate(val)] = True
+    fit = dataclasses.replace(ds, x_train=ds.x_train[~is_val], y_train=ds.y_train[~is_val])
+    return fit, ds.x_train[is_val], ds.y_train[is_val]
+
+
+def evaluate_models(model, cfg: ZooConfig, records, variables, x, y, num_classes: int, pool: TriggerPool):
+    """(clean accuracy, poisoned-input accuracy) of trained models (host variables stacked as `records`) on the
+    images x, y: what train_chunk measures on the test set, here for the validation images."""
+    padded = pad_for_processes(records)
+    extra = len(padded) - len(records)
+    if extra:
+        variables = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], extra, 0)]), variables)
+    mesh = pop.model_mesh(len(padded))
+    tasks = pop.place(pop.tasks_from_records(padded, x.shape[1:], pool.size), mesh, per_model=True)
+    data = pop.place(pop.shared_data(x, y, num_classes, pool.pattern, pool.mask), mesh, per_model=False)
+    acc, asr = pop.evaluate_population(model, pop.place(variables, mesh, per_model=True), tasks, x,
+                                       np.asarray(y, np.int32), data, batch_size=cfg.zoo.eval_batch_size,
+                                       mode=cfg.zoo.mode, mesh=mesh)
+    return acc[:len(records)], asr[:len(records)]
+
+
 def plan(cfg: ZooConfig, ds: Dataset, pool: TriggerPool):
+    empty = np.flatnonzero(np.bincount(ds.y_train, minlength=ds.num_classes) == 0)
+    if len(empty):  # a poisoned model with such a source class would get no poisons
+        raise ConfigError(f"classes {empty.tolist()} have no training images; a zoo needs every class")
     h, w = pool.size
     if h > ds.image_shape[0] or w > ds.image_shape[1]:
         raise ConfigError(f"zoo triggers of size {h}x{w} are larger than the {ds.image_shape[0]}x{ds.image_shape[1]} images")
@@ -169,6 +219,7 @@ def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
     """Train (or resume) the zoo described by cfg into the folder `out`; returns its store."""
     cfg.validate()
     ds = data if data is not None else load_zoo_data(cfg)
+    ds, x_val, y_val = holdout(ds, cfg.zoo.val_fraction, cfg.seed)  # before training: never trained on
     pool = trigger_pool(cfg, ds.image_shape[-1])
     records = plan(cfg, ds, pool)
     model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
@@ -179,10 +230,17 @@ def train_zoo(cfg: ZooConfig, out, *, data: Dataset | None = None) -> ZooStore:
         recs = records[chunk["start"]:chunk["stop"]]
         variables, clean_acc, asr, _ = train_chunk(model, cfg, recs, ds, pool, checkpoint_dir=store.train_dir(c),
                                                    desc=f"zoo chunk {c + 1}/{len(store.chunks)}")
+        if len(y_val):
+            val_acc, val_asr = evaluate_models(model, cfg, recs, variables, x_val, y_val, ds.num_classes, pool)
+        else:
+            val_acc, val_asr = [None] * len(recs), [None] * len(recs)
         done = []
-        for r, acc, a in zip(recs, clean_acc, asr):
-            a = None if not r.poisoned else float(a)
-            kept = acc >= cfg.zoo.min_clean_acc and (a is None or a >= cfg.zoo.min_asr)
-            done.append(dataclasses.replace(r, clean_acc=float(acc), asr=a, kept=bool(kept)))
+        for r, acc, a, va, vasr in zip(recs, clean_acc, asr, val_acc, val_asr):
+            a = float(a) if r.poisoned else None
+            vasr = float(vasr) if r.poisoned and va is not None else None
+            va = None if va is None else float(va)
+            # Without a validation split (allowed only without filters) every model is kept.
+            kept = va is None or (va >= cfg.zoo.min_clean_acc and (vasr is None or vasr >= cfg.zoo.min_asr))
+            done.append(dataclasses.replace(r, clean_acc=float(acc), asr=a, val_acc=va, val_asr=vasr, kept=bool(kept)))
         store.save_chunk(c, variables, done)
     return store
