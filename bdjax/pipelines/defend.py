@@ -80,7 +80,8 @@ class DefendConfig(ExperimentConfig):
         return ExperimentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ExperimentConfig)})
 
     def settings(self) -> DefenseSettings:
-        return dataclasses.replace(self.defend, seed=self.seed)
+        d = self.defend
+        return dataclasses.replace(d, seed=self.seed, nc=dataclasses.replace(d.nc, seed=self.seed))
 
 
 def _true_eps(y: np.ndarray, poison_mask: np.ndarray, target: int) -> float:
