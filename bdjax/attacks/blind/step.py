@@ -58,6 +58,16 @@ def _ce(model, params, state, x, y, rng):
     return loss, (batch_stats, jnp.mean(jnp.argmax(logits, -1) == y))
 
 
+def _ce_fooled(model, params, state, x_rev, y, target: int, rng):
+    """The evasion task: cross-entropy towards the TRUE labels, on the examples the reversed trigger currently
+    sends to the backdoor label (elsewhere it is not a working trigger, and pulling a large random mask towards
+    the true labels would only fight the main task); aux acc = the share of examples so fooled."""
+    logits, batch_stats = apply_train(model, params, state, x_rev, rng)
+    fooled = lax.stop_gradient((jnp.argmax(logits, -1) == target) & (y != target)).astype(jnp.float32)
+    loss = jnp.mean(fooled * optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    return loss, (batch_stats, jnp.mean(fooled))
+
+
 def _combine(w, grads: list):
     return jax.tree.map(lambda *gs: sum(w[k] * g for k, g in enumerate(gs)), *grads)
 
@@ -69,8 +79,9 @@ def _evasion(model, cfg: BlindConfig, image_shape, batch_size: int):
     trigger; the evasion task keeps the TRUE labels there, so the smallest trigger NC can find stops working."""
     from bdjax.defenses.neural_cleanse import NCConfig, decode, nc_optimizer, stamp
 
+    # the cost starts at init_cost (not 0, as the defence does) so the reversed mask shrinks from the first step
     nc_cfg = NCConfig(batch_size=batch_size, steps_per_check=cfg.evasion_steps_per_check,
-                      init_cost=cfg.evasion_init_cost, early_stop=False, seed=0).validate()
+                      init_cost=cfg.evasion_init_cost, reset_cost_to_zero=False, early_stop=False, seed=0).validate()
     opt = nc_optimizer(model, nc_cfg, tuple(image_shape), batch_size)
     labels = jnp.asarray([cfg.target], jnp.int32)
 
@@ -107,7 +118,11 @@ def make_blind(model, cfg: BlindConfig, image_shape, num_classes: int, batch_siz
             xs.append(x_rev)
             ys.append(y)
         keys = jax.random.split(k_task, K)
-        task = lambda k: (lambda p: _ce(model, p, state, xs[k], ys[k], keys[k]))  # noqa: E731
+
+        def task(k):
+            if k == 2:
+                return lambda p: _ce_fooled(model, p, state, xs[k], ys[k], cfg.target, keys[k])
+            return lambda p: _ce(model, p, state, xs[k], ys[k], keys[k])
         on = attack_on(cfg, state.extra)
 
         if cfg.balancing == "mgda":
@@ -115,8 +130,12 @@ def make_blind(model, cfg: BlindConfig, image_shape, num_classes: int, batch_siz
             losses = jnp.stack([o[0][0] for o in outs])
             accs = jnp.stack([o[0][1][1] for o in outs])
             task_grads = [o[1] for o in outs]
-            w = jnp.where(on, mgda_weights(gram(task_grads), losses, cfg.normalization, clip=cfg.clip,
-                                           steps=cfg.solver_steps), off)
+            G = gram(task_grads)
+            w = mgda_weights(G, losses, cfg.normalization, clip=cfg.clip, steps=cfg.solver_steps)
+            if K == 3:  # no example fooled: a zero evasion gradient would be MGDA's min-norm point; drop the task
+                w2 = mgda_weights(G[:2, :2], losses[:2], cfg.normalization, clip=cfg.clip)
+                w = jnp.where(accs[2] > 0, w, jnp.concatenate([w2, jnp.zeros(1)]))
+            w = jnp.where(on, w, off)
             batch_stats = outs[0][0][1][0]
             grads = None if shaping else _combine(w, task_grads)
         else:
