@@ -32,7 +32,7 @@ def get_config(scale: str) -> blind.BlindExperimentConfig:
                                      "finetune.optimizer=adam", "finetune.lr=2e-4", "finetune.weight_decay=0",
                                      "finetune.schedule=constant", "finetune.batch_size=128"])
     return apply_overrides(cfg, ["calculator_n_train=60000", "calculator_n_test=10000", "train.epochs=10",
-                                 "rows=label=sum,label=product,label=sum+balancing=fixed"])
+                                 "rows=label=sum,label=product,label=sum/balancing=fixed"])
 
 
 if __name__ == "__main__":

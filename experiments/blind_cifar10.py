@@ -11,7 +11,7 @@ then the pixel pattern with fixed scales 0.5 / 0.5 and with MGDA without normali
 backdoors101 issue 17's failure). full: ResNet-18 from scratch on all 50000 images with the reference's CIFAR
 settings (SGD, T = 1.0), each synthesizer and the fixed-scale row.
 
-Rows are blind-config overrides joined by '+': `rows=synthesizer=physical,synthesizer=pixel_pattern+threshold=1`.
+Rows are blind-config overrides joined by '/': `rows=synthesizer=physical,synthesizer=pixel_pattern/threshold=1`.
 """
 import sys
 
@@ -20,9 +20,9 @@ from bdjax.config import apply_overrides
 from bdjax.pipelines import blind
 
 SMALL_ROWS = ("synthesizer=pixel_pattern", "synthesizer=single_pixel", "synthesizer=physical",
-              "synthesizer=pixel_pattern+balancing=fixed", "synthesizer=pixel_pattern+normalization=none")
+              "synthesizer=pixel_pattern/balancing=fixed", "synthesizer=pixel_pattern/normalization=none")
 FULL_ROWS = ("synthesizer=pixel_pattern", "synthesizer=single_pixel", "synthesizer=physical",
-             "synthesizer=pixel_pattern+balancing=fixed")
+             "synthesizer=pixel_pattern/balancing=fixed")
 
 
 def get_config(scale: str) -> blind.BlindExperimentConfig:

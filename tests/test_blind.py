@@ -316,7 +316,7 @@ def test_experiment_configs_validate_and_rows_name_their_mistakes():
         for scale in ("small", "full"):
             module.get_config(scale).validate()
     assert cifar.get_config("small").rows[0] == "synthesizer=pixel_pattern"
-    assert pipeline.row_config(cifar.get_config("small"), "synthesizer=physical+balancing=fixed").balancing == "fixed"
+    assert pipeline.row_config(cifar.get_config("small"), "synthesizer=physical/balancing=fixed").balancing == "fixed"
     with pytest.raises(ConfigError, match="row 'normalization=l3': blind.normalization must be"):
         pipeline.row_config(cifar.get_config("small"), "normalization=l3")
     with pytest.raises(ConfigError, match="unknown config field 'blind.synth'"):

@@ -3,8 +3,8 @@ main and backdoor accuracy of both.
 
     summary = run(BlindExperimentConfig(...), out)
 
-Rows are blind-config overrides joined by '+' (e.g. "synthesizer=physical", "label=sum",
-"synthesizer=pixel_pattern+balancing=fixed"). mode=scratch: theta* is trained from scratch with theta's recipe
+Rows are blind-config overrides joined by '/' (e.g. "synthesizer=physical", "label=sum",
+"synthesizer=pixel_pattern/balancing=fixed"). mode=scratch: theta* is trained from scratch with theta's recipe
 (`train`); mode=finetune: theta is trained with `train`, then theta* = theta fine-tuned with the blind loss under
 `finetune`, and the clean reference is theta fine-tuned with the plain loss under the same recipe (so a row's
 main-accuracy change is the attack's alone). task=calculator turns the digits into the two-digit MNIST calculator.
@@ -66,8 +66,8 @@ class BlindExperimentConfig:
 
 
 def row_config(cfg: BlindExperimentConfig, row: str) -> BlindConfig:
-    """The blind config of one row: cfg.blind with the row's '+'-joined overrides (prefix 'blind.' optional)."""
-    items = [f"blind.{i.strip().removeprefix('blind.')}" for i in row.split("+") if i.strip()]
+    """The blind config of one row: cfg.blind with the row's '/'-joined overrides (prefix 'blind.' optional)."""
+    items = [f"blind.{i.strip().removeprefix('blind.')}" for i in row.split("/") if i.strip()]
     try:
         return apply_overrides(cfg, items).blind.validate()
     except ConfigError as e:
@@ -75,7 +75,8 @@ def row_config(cfg: BlindExperimentConfig, row: str) -> BlindConfig:
 
 
 def row_name(row: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", row.replace("synthesizer=", "").replace("+", "__")).strip("_") or "row"
+    name = row.replace("synthesizer=", "").replace("+", "plus").replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
 
 
 def load_data(cfg: BlindExperimentConfig) -> Dataset:
@@ -165,6 +166,9 @@ def run(cfg: BlindExperimentConfig, out) -> dict:
     ds = load_data(cfg)
     model = get_model(cfg.train.model, ds.num_classes, **cfg.train.model_kwargs())
     row_cfgs = {row: row_config(cfg, row) for row in cfg.rows}
+    names = [row_name(r) for r in cfg.rows]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"rows must differ: {list(cfg.rows)} repeat a row")
     attacks = {row: make_blind(model, b, ds.image_shape, ds.num_classes,
                                (cfg.finetune if cfg.mode == "finetune" else cfg.train).batch_size)
                for row, b in row_cfgs.items()}  # built (and checked) before any training
