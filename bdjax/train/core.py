@@ -65,8 +65,8 @@ def init_state(model, tx: optax.GradientTransformation, key: jax.Array, image_sh
     return TrainState.create(variables, tx, extra)
 
 
-def create_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape) -> TrainState:
-    return jax.jit(lambda k: init_state(model, tx, k, image_shape))(key)
+def create_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape, extra: Any = None) -> TrainState:
+    return jax.jit(lambda k, e: init_state(model, tx, k, image_shape, e))(key, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,18 +167,22 @@ def compile_step(step: Callable) -> Callable:
 
 
 def training_step(model, tx: optax.GradientTransformation, gather: Callable, *, loss_fn: Callable | None = None,
-                  **batch_options) -> Callable:
-    """The uncompiled step(state, task, perm, data) of a model trained on loss_fn (default: cross-entropy);
+                  grad_fn: Callable | None = None, **batch_options) -> Callable:
+    """The uncompiled step(state, task, perm, data) of a model trained on loss_fn (default: cross-entropy), or on
+    a hand-written grad_fn (several tasks combined, e.g. the blind backdoor's MGDA; exclusive with loss_fn);
     batch_options go to data_step (batch_size, steps_per_epoch, augment_kind, crop_padding, constrain)."""
-    update = make_update(value_and_grad(loss_fn or classification_loss(model)), tx)
+    if loss_fn is not None and grad_fn is not None:
+        raise ValueError("pass loss_fn or grad_fn, not both")
+    update = make_update(grad_fn or value_and_grad(loss_fn or classification_loss(model)), tx)
     return data_step(update, gather, **batch_options)
 
 
 def single_model_step(model, tx: optax.GradientTransformation, *, mesh=None, loss_fn: Callable | None = None,
-                      **batch_options) -> Callable:
+                      grad_fn: Callable | None = None, **batch_options) -> Callable:
     """Compiled step(state, RunTask, perm, (x_all, y_all)) of one model; with a data mesh the batch is split over
     its devices and XLA inserts the gradient all-reduce."""
     from bdjax.train.sharding import batch_sharded
 
     constrain = (lambda a: lax.with_sharding_constraint(a, batch_sharded(mesh))) if mesh is not None else None
-    return compile_step(training_step(model, tx, gather_arrays, loss_fn=loss_fn, constrain=constrain, **batch_options))
+    return compile_step(training_step(model, tx, gather_arrays, loss_fn=loss_fn, grad_fn=grad_fn, constrain=constrain,
+                                      **batch_options))

@@ -95,9 +95,13 @@ def train_loop(step_fn: Callable, state, order: Callable[[int], object], *, step
 
 def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, seed: int,
         run: RunDir | None = None, eval_fn: Callable[[core.TrainState], dict] | None = None,
-        eval_every: int = 1, desc: str = "train", loss_fn: Callable | None = None) -> core.TrainState:
+        eval_every: int = 1, desc: str = "train", loss_fn: Callable | None = None, grad_fn: Callable | None = None,
+        extra=None, init_variables: dict | None = None) -> core.TrainState:
     """Train `model` on images (uint8, or float in [0, 1]); resumes from `run`'s latest checkpoint when there is one.
-    loss_fn: a core loss (default: cross-entropy on the labels)."""
+    loss_fn: a core loss (default: cross-entropy on the labels); or grad_fn: a core gradient function (several
+    tasks combined by the procedure itself); extra: the initial TrainState.extra it carries. Every scalar metric
+    the step returns is logged ("acc" as "train_acc"). init_variables: start from these weights (fine-tuning a
+    trained model) with a fresh optimiser state, instead of the seed's initialisation."""
     n = len(x_train)
     if cfg.batch_size > n:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the {n} training images")
@@ -107,18 +111,20 @@ def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, se
     mesh = mesh if mesh.size > 1 else None
 
     keys = core.stream_keys(seed)
-    state = core.create_state(model, tx, keys["init"], x_train.shape[1:])
+    state = core.create_state(model, tx, keys["init"], x_train.shape[1:], extra)
+    if init_variables is not None:
+        state = core.TrainState.create(jax.device_get(init_variables), tx, state.extra)
     x_all = np.asarray(x_train) if np.asarray(x_train).dtype == np.float32 else np.asarray(x_train, np.uint8)
     data = (x_all, np.asarray(y_train, np.int32))
     task = core.RunTask(np.int32(seed % (2**31 - 1)))
     placement = replicated(mesh) if mesh is not None else jax.devices()[0]
     state, data, task = jax.device_put((state, data, task), placement)
 
-    step = core.single_model_step(model, tx, mesh=mesh, loss_fn=loss_fn, batch_size=cfg.batch_size,
+    step = core.single_model_step(model, tx, mesh=mesh, loss_fn=loss_fn, grad_fn=grad_fn, batch_size=cfg.batch_size,
                                   steps_per_epoch=steps_per_epoch, augment_kind=cfg.augment,
                                   crop_padding=cfg.crop_padding)
     order = lambda epoch: jax.device_put(core.epoch_permutation(keys["perm"], epoch, n), placement)
-    rename = lambda m: {"loss": float(m["loss"]), "train_acc": float(m["acc"])}
+    rename = lambda m: {("train_acc" if k == "acc" else k): float(v) for k, v in jax.device_get(m).items()}
     state, _ = train_loop(lambda st, perm: step(st, task, perm, data), state, order, steps_per_epoch=steps_per_epoch,
                           epochs=cfg.epochs, checkpoint_dir=run.checkpoints if run is not None else None,
                           checkpoint_every=cfg.checkpoint_every, run=run, eval_fn=eval_fn, eval_every=eval_every,
