@@ -95,9 +95,11 @@ def train_loop(step_fn: Callable, state, order: Callable[[int], object], *, step
 
 def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, seed: int,
         run: RunDir | None = None, eval_fn: Callable[[core.TrainState], dict] | None = None,
-        eval_every: int = 1, desc: str = "train", loss_fn: Callable | None = None) -> core.TrainState:
+        eval_every: int = 1, desc: str = "train", loss_fn: Callable | None = None,
+        variables: dict | None = None) -> core.TrainState:
     """Train `model` on images (uint8, or float in [0, 1]); resumes from `run`'s latest checkpoint when there is one.
-    loss_fn: a core loss (default: cross-entropy on the labels)."""
+    loss_fn: a core loss (default: cross-entropy on the labels). variables: start from these (finetuning) instead
+    of a fresh init from the seed."""
     n = len(x_train)
     if cfg.batch_size > n:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the {n} training images")
@@ -107,7 +109,10 @@ def fit(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, *, se
     mesh = mesh if mesh.size > 1 else None
 
     keys = core.stream_keys(seed)
-    state = core.create_state(model, tx, keys["init"], x_train.shape[1:])
+    if variables is None:
+        state = core.create_state(model, tx, keys["init"], x_train.shape[1:])
+    else:  # host copies: the step donates its state, which must not be the caller's buffers
+        state = core.TrainState.create(jax.device_get(variables), tx)
     x_all = np.asarray(x_train) if np.asarray(x_train).dtype == np.float32 else np.asarray(x_train, np.uint8)
     data = (x_all, np.asarray(y_train, np.int32))
     task = core.RunTask(np.int32(seed % (2**31 - 1)))
