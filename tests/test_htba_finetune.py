@@ -99,6 +99,10 @@ def test_pairs_and_pair_data_splits():
     pairs = random_pairs(10, 6, seed=3)
     assert pairs == random_pairs(10, 6, seed=3) and len(set(pairs)) == 6 and all(s != t for s, t in pairs)
     assert htba.other_classes(10, pairs[0]) == [c for c in range(10) if c not in pairs[0]]
+    inside = random_pairs(10, 12, seed=0, among=(0, 3, 5, 8))  # all 12 ordered pairs of 4 classes
+    assert sorted(inside) == sorted((s, t) for s in (0, 3, 5, 8) for t in (0, 3, 5, 8) if s != t)
+    with pytest.raises(ConfigError, match="cannot draw 13 distinct pairs"):
+        random_pairs(10, 13, seed=0, among=(0, 3, 5, 8))
 
     class DS:  # the two fields split_pair_data reads; image value = its index, so overlaps are visible
         y_train = np.repeat(np.arange(3), 20)
