@@ -96,7 +96,8 @@ def write_table(path: Path, mean: dict, std: dict, n_pairs: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run(out: str, scale: str, n_pairs: int | None, seed: int, weights: str | None, multi_source: bool) -> dict:
+def run(out: str, scale: str, n_pairs: int | None, seed: int, weights: str | None, multi_source: bool,
+        changes: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from bdjax.data import load_dataset
@@ -108,6 +109,8 @@ def run(out: str, scale: str, n_pairs: int | None, seed: int, weights: str | Non
     setting, default_pairs = setting_for(scale)
     if weights is not None:
         setting = dataclasses.replace(setting, weights=weights)
+    if changes:
+        setting = dataclasses.replace(setting, **changes)
     n_pairs = default_pairs if n_pairs is None else n_pairs
     if n_pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {n_pairs}")
@@ -151,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="a user AlexNet file (load_alexnet) instead of pretraining")
     p.add_argument("--multi-source", action="store_true", help="every other class is a source of the target")
+    p.add_argument("--craft-iters", type=int, default=None, help="crafting iterations per batch (preset's otherwise)")
+    p.add_argument("--craft-lr", type=float, default=None, help="crafting step size (preset's otherwise)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return guarded(lambda: run(a.out, a.scale, a.pairs, a.seed, a.weights, a.multi_source))
+    changes = {k: v for k, v in (("max_iters", a.craft_iters), ("craft_lr", a.craft_lr)) if v is not None}
+    return guarded(lambda: run(a.out, a.scale, a.pairs, a.seed, a.weights, a.multi_source, changes))
 
 
 if __name__ == "__main__":
