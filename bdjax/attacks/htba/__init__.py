@@ -9,6 +9,10 @@
     htba.save_poison_grid("run/poisons.png", result.targets, result.poisons, eps=16 / 255)
     poisons_u8 = htba.load_poisons("run/poisons")                        # what finetuning should read
 
+Victim side (finetune.py, pretrain.py): pretrain_features (a feature net on classes disjoint from the pair),
+with_new_head, finetune_set (clean + poisons with their target labels), finetune (fit with train.trainable),
+evaluate_attack (val_clean, val_patched_source, asr).
+
 Modules: config (HTBAConfig), assignment (Hungarian / greedy matching), crafter (the (init, update) pair),
 craft (the compiled loop over batches and devices), features (the feature layer), loop_convs (an XLA:CPU
 workaround), weights (AlexNet files), poison_files (PNGs and the grid), data (source/target images).
@@ -19,12 +23,16 @@ from bdjax.attacks.htba.craft import HTBAResult, batch_mesh, craft_poisons, make
 from bdjax.attacks.htba.crafter import CraftInputs, HTBAState, PoisonCrafter, poison_crafter
 from bdjax.attacks.htba.data import pair_images
 from bdjax.attacks.htba.features import check_feature_layer, feature_fn
+from bdjax.attacks.htba.finetune import (class_index, evaluate_attack, finetune, finetune_set, patch_images,
+                                         select_classes, with_new_head)
+from bdjax.attacks.htba.pretrain import other_classes, pretrain_features
 from bdjax.attacks.htba.poison_files import load_poisons, save_poison_grid, save_poisons, to_uint8
 from bdjax.attacks.htba.weights import load_alexnet, save_alexnet, torch_shapes
 
 __all__ = [
     "CraftInputs", "HTBAConfig", "HTBAResult", "HTBAState", "PoisonCrafter", "assignment_cost", "batch_mesh",
-    "check_feature_layer", "craft_poisons", "feature_fn", "greedy", "hungarian", "load_alexnet", "load_poisons",
-    "make_crafter", "match", "pair_images", "poison_crafter", "save_alexnet", "save_poison_grid", "save_poisons",
-    "squared_distances", "to_uint8", "torch_shapes",
+    "check_feature_layer", "class_index", "craft_poisons", "evaluate_attack", "feature_fn", "finetune",
+    "finetune_set", "greedy", "hungarian", "load_alexnet", "load_poisons", "make_crafter", "match", "other_classes",
+    "pair_images", "patch_images", "poison_crafter", "pretrain_features", "save_alexnet", "save_poison_grid",
+    "save_poisons", "select_classes", "squared_distances", "to_uint8", "torch_shapes", "with_new_head",
 ]
