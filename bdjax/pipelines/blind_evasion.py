@@ -59,7 +59,7 @@ class EvasionExperimentConfig:
     # with `finetune` (the seed's evasion rows fine-tune an ImageNet model); scratch: every model from scratch
     mode: str = "finetune"
     finetune: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        epochs=1, optimizer="adam", lr=2e-4, weight_decay=0.0, schedule="constant"))
+        epochs=1, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant"))
 
     def validate(self) -> "EvasionExperimentConfig":
         bad = [r for r in self.rows if r not in ROWS]
