@@ -26,6 +26,12 @@ the head 20 epochs (SGD 0.01, momentum 0.9, batch 128) on 3000 clean images (+ t
 full: seeds/001's ImageNet setting as a preset (224x224, 30x30 trigger, AlexNet fc7, 400 poisons, the official
 crafting and finetuning recipes); CIFAR images would need resizing to 224, and the weights come from --weights.
 
+Measured (`--scale small`, seed 0, 2 CPU cores at load ~12, feature net cached: 23 min; ~30 min from scratch):
+pairs 5->8, 3->0, 8->0; clean / poisoned model: val_clean 0.853 +- 0.088 / 0.812 +- 0.090, val_patched_source
+0.797 +- 0.066 / 0.458 +- 0.114 (0.577, 0.491, 0.305 per pair), asr 0.203 / 0.542. The attack works but is weaker
+than the paper's 0.182; `--pairs 1 --craft-iters 400 --craft-lr 0.02` took pair 5->8 from 0.577 to 0.514.
+Finetuning lr 0.01 x 20 epochs gave 0.535 on pair 5->8 (lr 0.05 x 30, the preset: 0.577): not the bottleneck.
+
 Output: OUT/config.json, OUT/summary.json (`rows`: one per pair and model, `mean` / `std` per model), OUT/table.md,
 OUT/poisons.png (the first pair's targets, poisons, differences), OUT/pairs/<s>_<t>/ per pair (resumable).
 """

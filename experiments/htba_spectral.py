@@ -10,6 +10,9 @@ the target label only is analysed (the poisons carry it, as in the official code
 highest scores are removed (Algorithm 1 with eps = the poison count). Rows: pair, n_poisons, poison_removed,
 clean_target_removed, n_clean_target, auc; table.md in the seeds' layout (#Poison removed, #Clean target removed).
 --htba-run DIR reuses that htba_cifar10 run's feature net and poisons.
+
+Measured (`--scale small` on the htba_cifar10 small run, 105 s): pairs 5->8, 3->0, 8->0: poisons removed 32, 1, 13
+of 100 (AUC 0.80, 0.44, 0.53), clean target images removed 118, 149, 137 of 1500.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
     htba.save_poison_grid("run/poisons.png", result.targets, result.poisons, eps=16 / 255)
     poisons_u8 = htba.load_poisons("run/poisons")                        # what finetuning should read
 
-Victim side (finetune.py, pretrain.py): pretrain_features (a feature net on classes disjoint from the pair),
+Victim side (victim.py, pretrain.py): pretrain_features (a feature net on classes disjoint from the pair),
 with_new_head, finetune_set (clean + poisons with their target labels), finetune (fit with train.trainable),
 evaluate_attack (val_clean, val_patched_source, asr).
 
@@ -23,7 +23,7 @@ from bdjax.attacks.htba.craft import HTBAResult, batch_mesh, craft_poisons, make
 from bdjax.attacks.htba.crafter import CraftInputs, HTBAState, PoisonCrafter, poison_crafter
 from bdjax.attacks.htba.data import pair_images
 from bdjax.attacks.htba.features import check_feature_layer, feature_fn
-from bdjax.attacks.htba.finetune import (class_index, evaluate_attack, finetune, finetune_set, patch_images,
+from bdjax.attacks.htba.victim import (class_index, evaluate_attack, finetune, finetune_set, patch_images,
                                          select_classes, with_new_head)
 from bdjax.attacks.htba.pretrain import other_classes, pretrain_features
 from bdjax.attacks.htba.poison_files import load_poisons, save_poison_grid, save_poisons, to_uint8

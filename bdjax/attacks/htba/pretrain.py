@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bdjax.attacks.htba.finetune import class_index, select_classes
+from bdjax.attacks.htba.victim import class_index, select_classes
 from bdjax.errors import ConfigError
 
 
