@@ -155,6 +155,13 @@ def write_table(path: Path, rows: list[dict], title: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def accuracy_columns(clean: dict, blind: dict) -> dict:
+    """The seed table's columns from blind_accuracies of theta (clean) and theta* (blind), shared by every blind table."""
+    return {"main_acc_clean": clean["main_acc"], "main_acc_blind": blind["main_acc"],
+            "main_acc_drop": clean["main_acc"] - blind["main_acc"],
+            "backdoor_acc_clean": clean["backdoor_acc"], "backdoor_acc_blind": blind["backdoor_acc"]}
+
+
 def run(cfg: BlindExperimentConfig, out) -> dict:
     t0 = time.time()
     cfg.validate()
@@ -208,10 +215,7 @@ def run(cfg: BlindExperimentConfig, out) -> dict:
              "normalization": b.normalization if b.balancing == "mgda" else None,
              "scales": list(b.scales) if b.balancing == "fixed" else None,
              "threshold": None if b.always_on else b.threshold, "mode": cfg.mode,
-             "main_acc_clean": clean_acc["main_acc"], "main_acc_blind": blind_acc["main_acc"],
-             "main_acc_drop": clean_acc["main_acc"] - blind_acc["main_acc"],
-             "backdoor_acc_clean": clean_acc["backdoor_acc"], "backdoor_acc_blind": blind_acc["backdoor_acc"],
-             "n_backdoor_test": int(len(yb)), **_last_weights(row_dir), "wall_s": time.time() - t_row}
+             **accuracy_columns(clean_acc, blind_acc), "n_backdoor_test": int(len(yb)), **_last_weights(row_dir), "wall_s": time.time() - t_row}
         write_json(done, r)
         rows.append(r)
         print(f"[{name}] main {r['main_acc_clean']:.4f} -> {r['main_acc_blind']:.4f}, backdoor "

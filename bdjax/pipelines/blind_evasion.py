@@ -32,7 +32,7 @@ from bdjax.defenses.gradient_shaping import shaped_grad_fn
 from bdjax.defenses.neural_cleanse import NCConfig
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
-from bdjax.pipelines.blind import load_data, train_model
+from bdjax.pipelines.blind import accuracy_columns, load_data, train_model
 from bdjax.pipelines.defend import DefenseSettings, run_defenses
 from bdjax.results import RunDir, write_json
 from bdjax.train import classification_loss
@@ -194,9 +194,7 @@ def run(cfg: EvasionExperimentConfig, out) -> dict:
         own = {"none": "-", "neural_cleanse": "flagged" if v["neural_cleanse"] else "not flagged",
                "gradient_shaping": "backdoor survived" if acc["backdoor_acc"] >= 0.5 else "backdoor suppressed"}[row]
         r = {"evaded": row, "target": target, "synthesizer": cfg.blind.synthesizer, "balancing": cfg.blind.balancing,
-             "main_acc_clean": acc_ref["main_acc"], "main_acc_blind": acc["main_acc"],
-             "main_acc_drop": acc_ref["main_acc"] - acc["main_acc"], "backdoor_acc_clean": acc_ref["backdoor_acc"],
-             "backdoor_acc_blind": acc["backdoor_acc"], "verdict": own, "verdicts": v, "defences": sections,
+             **accuracy_columns(acc_ref, acc), "verdict": own, "verdicts": v, "defences": sections,
              "wall_s": time.time() - t_row}
         write_json(done, r)
         rows.append(r)
