@@ -94,7 +94,7 @@ def _run_badnets(cfg: ExperimentConfig, out: str) -> dict:
     return result.summary
 
 
-def _attack_and_defend(cfg, out: str, extra: Callable[[], dict] | None = None) -> None:
+def _attack_and_defend(cfg, out: str, extra: Callable[[], dict] | None = None) -> dict:
     """BadNets run of cfg (a DefendConfig), the four defenses on it, `extra` sections; summary with `defenses`."""
     from bdjax.pipelines import badnets, defend
     from bdjax.results import RunDir, write_json
@@ -110,6 +110,7 @@ def _attack_and_defend(cfg, out: str, extra: Callable[[], dict] | None = None) -
     _print_summary(summary)
     print(json.dumps(defend.headline(sections), indent=2))
     print(f"results in {out}/ (summary.json, metrics.jsonl, config.json, defend_config.json, *.png)")
+    return summary
 
 
 def _cmd_demo(args) -> None:
@@ -121,7 +122,17 @@ def _cmd_demo(args) -> None:
         _run_badnets(cfg.attack_config(), args.out)
         return
     extra = None if args.no_zoo else (lambda: {"ulp": _demo_zoo(args.out, cfg.ulp_config())})
-    _attack_and_defend(cfg, args.out, extra)
+    summary = _attack_and_defend(cfg, args.out, extra)
+    if not args.no_zoo:
+        print(ulp_headline(summary["defenses"]["ulp"]))
+
+
+def ulp_headline(section: dict) -> str:
+    """The demo's last line: ULP against noise inputs at the largest M, on the held-out test zoo."""
+    auc = {(r["method"], r["M"]): r["auc"] for r in section["rows"]}
+    m = section["M"]
+    return (f"ULP (M = {m}) test AUC {auc[('ULP', m)]:.3f} on {section['zoo_test_models']} held-out models with "
+            f"unseen triggers; noise inputs {auc[('noise', m)]:.3f}")
 
 
 def _demo_zoo(out: str, cfg) -> dict:

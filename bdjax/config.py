@@ -28,6 +28,17 @@ class DataConfig:
     tfds_dir: str | None = None  # where TFDS downloads datasets not found locally (default ~/tensorflow_datasets)
     n_train: int | None = None  # seeded random subset of the training images (None = all)
     n_test: int | None = None  # seeded random subset of the test images (None = all)
+    # only these classes, relabelled 0..k-1 in this order (empty = all), e.g. 0,1,2 for the demo's zoo
+    classes: tuple[int, ...] = ()
+
+    def load(self, seed: int = 0):
+        """The dataset with the class selection, then the seeded n_train / n_test subsets, applied."""
+        from bdjax.data import load_dataset
+
+        ds = load_dataset(self.dataset, data_root=self.data_root, data_dir=self.tfds_dir).select_classes(self.classes)
+        if self.n_train is not None or self.n_test is not None:
+            ds = ds.subset(self.n_train, self.n_test, seed=seed)
+        return ds
 
     def checks(self, prefix: str = "data.") -> list[tuple]:
         # 0 is falsy: it used to mean "all" silently

@@ -92,6 +92,9 @@ def test_demo_zoo_section(tmp_path):
     assert section["auc"] == next(r["auc"] for r in summary["rows"] if r["method"] == "ULP" and r["M"] == 5)
     assert section["zoo_train_models"] == 8 and section["zoo_test_models"] == 4
     assert (tmp_path / "zoo_ulp" / "roc.png").exists()
+    noise5 = next(r["auc"] for r in summary["rows"] if r["method"] == "noise" and r["M"] == 5)
+    assert cli.ulp_headline(section) == (f"ULP (M = 5) test AUC {section['auc']:.3f} on 4 held-out models with unseen "
+                                         f"triggers; noise inputs {noise5:.3f}")
 
 
 def test_fields_lists_every_section_with_type_default_and_doc():
@@ -113,7 +116,8 @@ def test_fields_lists_every_section_with_type_default_and_doc():
             ("ulp", "ulp.pattern_lr"): ("float", "0.015", "SGD on the patterns"),
             ("ulp", "baselines.nc.max_checks"): ("int", "1000", "official STEPS"),
             ("demo", "defend.nc.max_checks"): ("int", "80", "official STEPS"),
-            ("demo", "zoo_ulp.zoo.n_clean"): ("int", "48", "clean models")}
+            ("demo", "zoo_ulp.zoo.n_clean"): ("int", "96", "clean models"),
+            ("demo", "zoo_ulp.data.classes"): ("tuple[int, ...]", "(0, 1, 2)", "relabelled 0..k-1")}
     for (command, name), parts in want.items():
         line = sections[command].get(name, "")
         assert all(p in line for p in parts), (command, name, line)

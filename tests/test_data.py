@@ -383,3 +383,21 @@ def test_subset_of_zero_images_is_an_error_not_everything():
     ds = load_dataset("digits")
     with pytest.raises(DataError, match=r"subset n_train=0: expected an integer in \[1, 1437\]"):
         ds.subset(n_train=0)
+
+
+def test_select_classes_keeps_and_relabels_in_the_given_order():
+    from bdjax.config import DataConfig
+
+    ds = load_dataset("digits")
+    sub = ds.select_classes((7, 2))
+    assert sub.class_names == (ds.class_names[7], ds.class_names[2]) and sub.num_classes == 2
+    # label 0 is the old 7, label 1 the old 2, every image of those classes and no other
+    np.testing.assert_array_equal(sub.x_train[sub.y_train == 0], ds.x_train[ds.y_train == 7])
+    np.testing.assert_array_equal(sub.x_test[sub.y_test == 1], ds.x_test[ds.y_test == 2])
+    assert len(sub.y_train) == int(np.isin(ds.y_train, (7, 2)).sum())
+    validate_dataset(sub)
+    both = DataConfig(classes=(7, 2), n_train=20).load(seed=3)  # classes first, then the seeded subset
+    assert len(both.y_train) == 20 and set(np.unique(both.y_train)) <= {0, 1}
+    for bad in ((3,), (1, 1), (0, 10), (-1, 2)):
+        with pytest.raises(DataError, match=r"data.classes=.*expected at least 2 distinct labels in \[0, 10\)"):
+            ds.select_classes(bad)

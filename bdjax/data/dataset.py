@@ -43,6 +43,23 @@ class Dataset:
         )
 
 
+    def select_classes(self, classes: tuple[int, ...]) -> Dataset:
+        """Only the images of these classes, relabelled 0..k-1 in the order given (empty keeps every class)."""
+        if not classes:
+            return self
+        bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
+               or not 0 <= c < self.num_classes]
+        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise DataError(f"data.classes={tuple(classes)!r}: expected at least 2 distinct labels in "
+                            f"[0, {self.num_classes}) of dataset {self.name!r}")
+        relabel = np.full(self.num_classes, -1, np.int32)
+        relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+        tr, te = relabel[self.y_train] >= 0, relabel[self.y_test] >= 0
+        return dataclasses.replace(self, x_train=self.x_train[tr], y_train=relabel[self.y_train[tr]],
+                                   x_test=self.x_test[te], y_test=relabel[self.y_test[te]],
+                                   class_names=tuple(self.class_names[c] for c in classes))
+
+
 def _pick(rng: np.random.Generator, size: int, n: int | None, field: str) -> slice | np.ndarray:
     if n is None:
         return slice(None)

@@ -13,7 +13,7 @@ import numpy as np
 from bdjax import runtime
 from bdjax.attacks import LabelMap, PoisonedSet, make_trigger, poison_test_set, poison_training_set
 from bdjax.config import ExperimentConfig, matches_saved, to_dict
-from bdjax.data import Dataset, load_dataset
+from bdjax.data import Dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax import plots
@@ -35,10 +35,7 @@ class BadNetsResult:
 
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
-    ds = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, data_dir=cfg.data.tfds_dir)
-    if cfg.data.n_train is not None or cfg.data.n_test is not None:
-        ds = ds.subset(cfg.data.n_train, cfg.data.n_test, seed=cfg.seed)
-    return ds
+    return cfg.data.load(seed=cfg.seed)
 
 
 def poison(cfg: ExperimentConfig, ds: Dataset):

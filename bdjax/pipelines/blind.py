@@ -83,7 +83,7 @@ def row_name(row: str) -> str:
 
 def load_data(cfg: BlindExperimentConfig) -> Dataset:
     d = cfg.data
-    ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir)
+    ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir).select_classes(d.classes)
     if cfg.task == "calculator":
         return calculator_dataset(ds, d.n_train or cfg.calculator_n_train, d.n_test or cfg.calculator_n_test, cfg.seed)
     if d.n_train or d.n_test:

@@ -336,16 +336,19 @@ def run_ulp_experiment(cfg: ULPExperimentConfig, out) -> dict:
 
 
 def demo_ulp_config(seed: int = 0) -> ULPExperimentConfig:
-    """The demo's zoo: 48 + 48 tiny digits models with random 3x3 triggers (no files needed), a test zoo of
-    16 + 16 with unseen random triggers, ULP with M = 1 and 5 against noise inputs (Neural Cleanse already runs
-    in the demo's defense half). Tiny nets: vmap mode trains them together faster than the CPU's unrolled map.
-    Log-softmax features as the small-scale experiments (see experiments/ulp_mnist.py); pattern lr 10: the
-    reference's lr barely moves the patterns in 100 epochs over so few models."""
+    """The demo's zoo: 96 + 96 tiny CNNs on the digits 0, 1 and 2 with random 3x3 triggers (no files needed), a
+    test zoo of 24 + 24 with unseen random triggers, ULP with M = 1 and 5 against noise inputs (Neural Cleanse
+    already runs in the demo's defense half). Three classes: a zoo model's backdoor fires only on its source
+    class, so M = 5 patterns started from stamped images cover every source (on the 10 digits half the sources go
+    unseen and ULP stays near 0.6); with two classes noise inputs detect as well as ULP. Tiny nets: vmap mode
+    trains them together faster than the CPU's unrolled map. Log-softmax features as the small-scale experiments
+    (see experiments/ulp_mnist.py)."""
     from bdjax.config import apply_overrides
 
     return apply_overrides(ULPExperimentConfig(experiment="demo_ulp", scale="demo", seed=seed), [
-        "data.dataset=digits", "zoo.trigger_dir=random", "zoo.trigger_size=3", "zoo.n_clean=48", "zoo.n_poisoned=48",
-        "zoo.chunk_size=48", "zoo.mode=vmap", "zoo.min_asr=0.8", "zoo.val_fraction=0.1",
-        "test_zoo.n_clean=16", "test_zoo.n_poisoned=16",
+        "data.dataset=digits", "data.classes=0,1,2", "zoo.trigger_dir=random", "zoo.trigger_size=3",
+        "zoo.n_clean=96", "zoo.n_poisoned=96", "zoo.chunk_size=96", "zoo.mode=vmap", "zoo.min_asr=0.8",
+        "zoo.val_fraction=0.1", "test_zoo.n_clean=24", "test_zoo.n_poisoned=24",
         "train.model_options=width=4,hidden=16", "train.epochs=8", "train.lr=0.01", "patterns=1,5", "ulp.epochs=100",
-        "ulp.pattern_lr=10", "ulp.features=log_softmax", "ulp.batch_models=48", "baselines.neural_cleanse=false"])
+        "ulp.init=stamped", "ulp.pattern_lr=1", "ulp.classifier_lr=0.01", "ulp.features=log_softmax",
+        "ulp.batch_models=48", "baselines.neural_cleanse=false"])

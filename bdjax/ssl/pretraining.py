@@ -3,7 +3,6 @@ extra state and an after_update; `pretrain` runs it with core.data_step + train_
 data-parallel over every device of the data mesh. The images carry no labels."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple
 
 import flax.linen as nn

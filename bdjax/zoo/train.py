@@ -24,7 +24,7 @@ import numpy as np
 
 from bdjax import distributed
 from bdjax.config import DataConfig, TrainConfig, raise_failed, seed_check
-from bdjax.data import Dataset, load_dataset
+from bdjax.data import Dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.train.loop import needs_step_sync, train_loop
@@ -107,11 +107,7 @@ def trigger_pool(cfg: ZooConfig, channels: int) -> TriggerPool:
 
 
 def load_zoo_data(cfg: ZooConfig) -> Dataset:
-    d = cfg.data
-    ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir)
-    if d.n_train is not None or d.n_test is not None:
-        ds = ds.subset(d.n_train, d.n_test, seed=cfg.seed)
-    return ds
+    return cfg.data.load(seed=cfg.seed)
 
 
 def holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
