@@ -59,8 +59,8 @@ def test_demo_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     for key in ("experiment", "dataset", "seed", "clean_acc", "asr", "wall_s", "device"):
         assert key in summary
-    assert summary["dataset"] == "digits" and 0 <= summary["clean_acc"] <= 1 and 0 <= summary["asr"] <= 1
-    assert summary["clean_acc"] > 0.9 and summary["asr"] > 0.8
+    # measured 0.992 / 0.991 (README): a broken attack or training falls well below these
+    assert summary["dataset"] == "digits" and summary["clean_acc"] > 0.95 and summary["asr"] > 0.9
     assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 15
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 8
     for png in ("trigger.png", "examples.png", "curves.png", "strip_entropy.png", "nc_triggers.png"):
