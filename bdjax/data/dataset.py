@@ -42,14 +42,13 @@ class Dataset:
             y_test=self.y_test[te],
         )
 
-
     def select_classes(self, classes: tuple[int, ...]) -> Dataset:
         """Only the images of these classes, relabelled 0..k-1 in the order given (empty keeps every class)."""
         if not classes:
             return self
-        bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
-               or not 0 <= c < self.num_classes]
-        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+        valid = all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < self.num_classes
+                    for c in classes)
+        if not valid or len(set(classes)) != len(classes) or len(classes) < 2:
             raise DataError(f"data.classes={tuple(classes)!r}: expected at least 2 distinct labels in "
                             f"[0, {self.num_classes}) of dataset {self.name!r}")
         relabel = np.full(self.num_classes, -1, np.int32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax.errors import ConfigError
+from bdjax.train import core
 
 
 def check_shapeable(state) -> None:
@@ -29,10 +30,10 @@ def shaped_grads(loss_fn: Callable, params, state, batch: dict, rng, *, clip: fl
     B = jax.tree.leaves(batch)[0].shape[0]
     k_ex, k_noise = jax.random.split(rng)
 
+    per_example = core.value_and_grad(loss_fn)
+
     def one(example, key):
-        single = jax.tree.map(lambda a: a[None], example)
-        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, state, single, key)
-        return g, aux
+        return per_example(params, state, jax.tree.map(lambda a: a[None], example), key)
 
     grads, aux = jax.vmap(one)(batch, jax.random.split(k_ex, B))
     norms = jnp.sqrt(sum(jnp.sum(jnp.reshape(g, (B, -1)) ** 2, axis=1) for g in jax.tree.leaves(grads)))

@@ -26,7 +26,7 @@ import numpy as np
 from bdjax import plots, runtime
 from bdjax.attacks.blind import (BlindConfig, backdoor_test_set, blind_accuracies, calculator_dataset, make_blind)
 from bdjax.config import DataConfig, TrainConfig, apply_overrides, matches_saved, raise_failed, to_dict
-from bdjax.data import Dataset, load_dataset
+from bdjax.data import Dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.results import RunDir, write_json
@@ -83,12 +83,10 @@ def row_name(row: str) -> str:
 
 def load_data(cfg: BlindExperimentConfig) -> Dataset:
     d = cfg.data
-    ds = load_dataset(d.dataset, data_root=d.data_root, data_dir=d.tfds_dir).select_classes(d.classes)
-    if cfg.task == "calculator":
+    if cfg.task == "calculator":  # n_train / n_test count digit pairs here, not a subset of the digits
+        ds = dataclasses.replace(d, n_train=None, n_test=None).load()
         return calculator_dataset(ds, d.n_train or cfg.calculator_n_train, d.n_test or cfg.calculator_n_test, cfg.seed)
-    if d.n_train or d.n_test:
-        ds = ds.subset(d.n_train, d.n_test, seed=cfg.seed)
-    return ds
+    return d.load(seed=cfg.seed)
 
 
 def _eval_fn(model, ds: Dataset, attack, seed: int, batch_size: int):
