@@ -54,19 +54,21 @@ def save_examples(path: Path, clean: np.ndarray, poisoned: np.ndarray, clean_lab
 def save_curves(path: Path, records: list[dict]) -> None:
     """Training loss and, where logged, clean accuracy and ASR against the step."""
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "clean_acc" in r]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     if train:
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("training loss")
-    for key, label in (("clean_acc", "clean accuracy"), ("asr", "attack success rate")):
-        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+    series = (("clean_acc", "clean accuracy"), ("asr", "attack success rate"),  # BadNets-style runs
+              ("main_acc", "main accuracy"), ("backdoor_acc", "backdoor accuracy"))  # blind runs
+    for key, label in series:
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=label)
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].set_xlabel("step")
-    axes[1].legend(loc="lower right")
+    if axes[1].lines:
+        axes[1].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -316,8 +316,27 @@ def test_experiment_configs_validate_and_rows_name_their_mistakes():
         for scale in ("small", "full"):
             module.get_config(scale).validate()
     assert cifar.get_config("small").rows[0] == "synthesizer=pixel_pattern"
+    assert cifar.get_config("small").mode == "scratch"  # 1 fine-tune epoch was too short for MGDA (docstring)
     assert pipeline.row_config(cifar.get_config("small"), "synthesizer=physical/balancing=fixed").balancing == "fixed"
     with pytest.raises(ConfigError, match="row 'normalization=l3': blind.normalization must be"):
         pipeline.row_config(cifar.get_config("small"), "normalization=l3")
     with pytest.raises(ConfigError, match="unknown config field 'blind.synth'"):
         pipeline.row_config(cifar.get_config("small"), "synth=physical")
+
+
+def test_save_curves_draws_the_blind_runs_main_and_backdoor_accuracy(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from bdjax import plots
+    records = [{"step": 1, "loss": 2.0}, {"step": 62, "main_acc": 0.3, "backdoor_acc": 0.99},
+               {"step": 124, "main_acc": 0.4, "backdoor_acc": 0.98}]
+    with mock.patch("matplotlib.axes.Axes.legend") as legend:
+        plots.save_curves(tmp_path / "c.png", records)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert legend.call_count == 1  # the accuracy panel has series, so it gets a legend
+    with mock.patch("matplotlib.axes.Axes.plot") as plot:
+        plots.save_curves(tmp_path / "d.png", records)
+    labels = [c.kwargs.get("label") for c in plot.call_args_list]
+    assert labels == [None, "main accuracy", "backdoor accuracy"]
