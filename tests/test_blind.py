@@ -136,6 +136,8 @@ def test_bad_input_gives_one_line_errors():
         (lambda: BlindConfig(normalization="l1").validate(), "blind.normalization"),
         (lambda: mgda.check_normalization("l1"), "unknown gradient normalisation 'l1'"),
         (lambda: BlindConfig(threshold=-1.0).validate(), "blind.threshold must be >= 0"),
+        (lambda: BlindConfig(poison_fraction=0.0).validate(), "blind.poison_fraction must be in \\(0, 1\\]"),
+        (lambda: BlindConfig(poison_fraction=1.5).validate(), "blind.poison_fraction must be in \\(0, 1\\]"),
         (lambda: blind.pixel_pattern((4, 4, 1)), "does not fit in 4x4 images"),
         (lambda: blind.physical((9, 9, 1)), "does not fit in 9x9 images"),
         (lambda: blind.constant(10, 10), "outside the 10 classes"),
@@ -204,13 +206,14 @@ def test_switch_turns_on_once_the_running_mean_is_below_T():
     assert bool(blind.attack_on(BlindConfig(), extra(0.0, 0)))  # T = inf: always on
 
 
-@pytest.mark.parametrize("balancing", ["mgda", "fixed"])
-def test_blind_gradient_is_the_weighted_sum_of_task_gradients(tiny, balancing):
+@pytest.mark.parametrize("balancing,fraction", [("mgda", 1.0), ("fixed", 1.0), ("mgda", 0.5)])
+def test_blind_gradient_is_the_weighted_sum_of_task_gradients(tiny, balancing, fraction):
     """The step's gradient equals grad(w_main * L_main + w_backdoor * L_backdoor) with the weights it reports,
-    and MGDA's weights are the min-norm weights of the normalised task gradients."""
+    and MGDA's weights are the min-norm weights of the normalised task gradients. With poison_fraction 0.5 the
+    backdoor task's batch is half synthesised, half the clean examples with their true labels."""
     model, batch = tiny
     tx = optax.sgd(0.1)
-    cfg = BlindConfig(target=3, balancing=balancing, scales=(0.7, 0.3), clip=0.0)
+    cfg = BlindConfig(target=3, balancing=balancing, scales=(0.7, 0.3), clip=0.0, poison_fraction=fraction)
     attack = blind.make_blind(model, cfg, SHAPE, 10, 16)
     state = _state(model, tx, attack.extra)
     rng = jax.random.key(4)
@@ -218,11 +221,18 @@ def test_blind_gradient_is_the_weighted_sum_of_task_gradients(tiny, balancing):
     w = np.array([aux["metrics"]["w_main"], aux["metrics"]["w_backdoor"]])
     # rebuild the two tasks by hand with the same synthesised batch
     k_syn = jax.random.split(rng, 3)[0]
-    x_bd = attack.synthesizer.apply(k_syn, batch["x"])
+    n = int(16 * fraction)
+    x_bd = attack.synthesizer.apply(k_syn, batch["x"]).at[n:].set(batch["x"][n:])
+    y_bd = jnp.full_like(batch["y"], 3).at[n:].set(batch["y"][n:])
     ce = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
         model.apply({"params": p}, x, train=True), y).mean()
     g_m = jax.grad(ce)(state.params, batch["x"], batch["y"])
-    g_b = jax.grad(ce)(state.params, x_bd, jnp.full_like(batch["y"], 3))
+    g_b = jax.grad(ce)(state.params, x_bd, y_bd)
+    xs, ys, mask = blind.backdoor_batch(attack.synthesizer, attack.label_fn, k_syn, batch["x"], batch["y"], fraction)
+    np.testing.assert_array_equal(xs, x_bd)
+    np.testing.assert_array_equal(ys, y_bd)
+    assert float(mask.sum()) == n
+    assert not np.array_equal(np.asarray(x_bd[:n]), np.asarray(batch["x"][:n]))  # the synthesised part changed
     expected = jax.tree.map(lambda a, b: w[0] * a + w[1] * b, g_m, g_b)
     chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-6)
     if balancing == "fixed":

@@ -12,12 +12,12 @@ from bdjax.attacks.blind.evaluate import backdoor_test_set, blind_accuracies
 from bdjax.attacks.blind.labels import LABELS, LabelFunction, calculator, check_label_function, constant, make_label_function
 from bdjax.attacks.blind.mgda import (NORMALIZATIONS, brute_force_min_norm, check_normalization, gram, mgda_weights,
                                       min_norm_2, min_norm_simplex, task_scales)
-from bdjax.attacks.blind.step import BlindAttack, attack_on, make_blind, running_mean
+from bdjax.attacks.blind.step import BlindAttack, attack_on, backdoor_batch, make_blind, running_mean
 from bdjax.attacks.blind.synthesizers import (SYNTHESIZERS, Synthesizer, make_synthesizer, physical, pixel_pattern,
                                               single_pixel, synthesize_uint8)
 
 __all__ = ["BALANCING", "EVASIONS", "LABELS", "NORMALIZATIONS", "SYNTHESIZERS", "BlindAttack", "BlindConfig",
-           "LabelFunction", "Synthesizer", "attack_on", "backdoor_test_set", "blind_accuracies", "brute_force_min_norm",
+           "LabelFunction", "Synthesizer", "attack_on", "backdoor_batch", "backdoor_test_set", "blind_accuracies", "brute_force_min_norm",
            "calculator", "calculator_dataset", "check_label_function", "check_normalization", "constant", "gram",
            "make_blind", "make_label_function", "make_synthesizer", "mgda_weights", "min_norm_2", "min_norm_simplex",
            "physical", "pixel_pattern", "running_mean", "single_pixel", "synthesize_uint8", "task_scales"]

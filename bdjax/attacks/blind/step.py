@@ -52,10 +52,21 @@ def attack_on(cfg: BlindConfig, extra: dict) -> jax.Array:
     return running_mean(extra, cfg.loss_decay) < cfg.threshold
 
 
-def _ce(model, params, state, x, y, rng):
+def _ce(model, params, state, x, y, rng, acc_mask=None):
+    """Cross-entropy over the batch; aux accuracy over acc_mask's examples (all by default)."""
     logits, batch_stats = apply_train(model, params, state, x, rng)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (batch_stats, jnp.mean(jnp.argmax(logits, -1) == y))
+    hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    acc = jnp.mean(hits) if acc_mask is None else jnp.sum(hits * acc_mask) / jnp.maximum(jnp.sum(acc_mask), 1.0)
+    return loss, (batch_stats, acc)
+
+
+def backdoor_batch(synth: Synthesizer, label_fn: LabelFunction, key, x, y, fraction: float = 1.0):
+    """(x*, y*, mask): the first round(fraction * B) examples synthesised, mu(x) with labels v(y); the rest clean."""
+    n = round(fraction * x.shape[0])
+    mask = jnp.arange(x.shape[0]) < n
+    xs = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), synth.apply(key, x), x)
+    return xs, jnp.where(mask, label_fn.apply(y), y), mask.astype(jnp.float32)
 
 
 def _ce_fooled(model, params, state, x_rev, y, target: int, rng):
@@ -111,7 +122,8 @@ def make_blind(model, cfg: BlindConfig, image_shape, num_classes: int, batch_siz
     def grad_fn(params, state, batch, rng):
         k_syn, k_task, k_shape = jax.random.split(rng, 3)
         x, y = batch["x"], batch["y"]
-        xs, ys = [x, synth.apply(k_syn, x)], [y, label_fn.apply(y)]
+        x_bd, y_bd, bd_mask = backdoor_batch(synth, label_fn, k_syn, x, y, cfg.poison_fraction)
+        xs, ys = [x, x_bd], [y, y_bd]
         new_extra = dict(state.extra)
         if evasion is not None:
             new_extra["nc"], x_rev = evasion(state.extra["nc"], params, state, x)
@@ -122,7 +134,7 @@ def make_blind(model, cfg: BlindConfig, image_shape, num_classes: int, batch_siz
         def task(k):
             if k == 2:
                 return lambda p: _ce_fooled(model, p, state, xs[k], ys[k], cfg.target, keys[k])
-            return lambda p: _ce(model, p, state, xs[k], ys[k], keys[k])
+            return lambda p: _ce(model, p, state, xs[k], ys[k], keys[k], bd_mask if k == 1 else None)
         on = attack_on(cfg, state.extra)
 
         if cfg.balancing == "mgda":
