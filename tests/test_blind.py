@@ -327,6 +327,7 @@ def test_experiment_configs_validate_and_rows_name_their_mistakes():
             module.get_config(scale).validate()
     assert cifar.get_config("small").rows[0] == "synthesizer=pixel_pattern"
     assert cifar.get_config("small").mode == "scratch"  # 1 fine-tune epoch was too short for MGDA (docstring)
+    assert cifar.get_config("small").blind.poison_fraction == 0.5  # whole batches: a BatchNorm shortcut (docstring)
     assert pipeline.row_config(cifar.get_config("small"), "synthesizer=physical/balancing=fixed").balancing == "fixed"
     with pytest.raises(ConfigError, match="row 'normalization=l3': blind.normalization must be"):
         pipeline.row_config(cifar.get_config("small"), "normalization=l3")
