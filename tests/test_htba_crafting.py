@@ -63,6 +63,18 @@ def test_patched_sources_are_distinct_sources_with_the_trigger_pasted(setup):
     assert len(set(used)) == K  # drawn without replacement
 
 
+def _matched_gradient(variables, features, state, inputs, key, step=0):
+    """Iteration `step` re-derived from its own draw of sources: scipy's assignment, jax.grad of the plain
+    matched loss. Returns (gradient at the poisons, cost matrix, permutation)."""
+    patched = jax.jit(patched_sources, static_argnums=3)(jax.random.fold_in(key, step), inputs.sources, TRIGGER, K)
+    f = jax.jit(features)
+    fs, fz = np.asarray(f(variables, patched)), np.asarray(f(variables, state.poisons))
+    cost = ((fz[:, None] - fs[None]) ** 2).sum(-1)
+    _, perm = linear_sum_assignment(cost)
+    loss = lambda z: jnp.sum((features(variables, z) - fs[perm]) ** 2)  # noqa: E731
+    return np.asarray(jax.jit(jax.grad(loss))(state.poisons)), cost, perm
+
+
 def test_one_update_is_the_projected_gradient_step_of_the_matched_loss(setup):
     variables, targets, sources = setup
     cfg = htba.HTBAConfig(**{**CFG.__dict__, "lr": 0.5, "stop_distance": 1e9})
@@ -75,14 +87,8 @@ def test_one_update_is_the_projected_gradient_step_of_the_matched_loss(setup):
     update = jax.jit(crafter.update)
     new = update(state, inputs)
 
-    # The same step re-derived: scipy's assignment, jax.grad of the plain loss, numpy projection.
-    patched = jax.jit(patched_sources, static_argnums=3)(jax.random.fold_in(key, 0), inputs.sources, TRIGGER, K)
-    f = jax.jit(features)
-    fs, fz = np.asarray(f(variables, patched)), np.asarray(f(variables, state.poisons))
-    cost = ((fz[:, None] - fs[None]) ** 2).sum(-1)
-    _, perm = linear_sum_assignment(cost)
-    loss = lambda z: jnp.sum((features(variables, z) - fs[perm]) ** 2)  # noqa: E731
-    z = np.asarray(state.poisons) - 0.5 * np.asarray(jax.jit(jax.grad(loss))(state.poisons))
+    grad, cost, perm = _matched_gradient(variables, features, state, inputs, key)
+    z = np.asarray(state.poisons) - 0.5 * grad
     t = targets[:K]
     expected = np.clip(t + np.clip(z - t, -cfg.eps, cfg.eps), 0, 1)
     np.testing.assert_allclose(new.poisons, expected, atol=1e-5)
@@ -96,6 +102,28 @@ def test_one_update_is_the_projected_gradient_step_of_the_matched_loss(setup):
     later = update(state._replace(step=jnp.asarray(2500, jnp.int32)), inputs)
     assert float(later.lr) == pytest.approx(0.5 * 0.5 ** 2)  # halved every 1000 iterations
     assert int(later.step) == 2501
+    # the decayed rate is the one applied, whatever the optimiser state's own count
+    grad_later, _, _ = _matched_gradient(variables, features, state, inputs, key, step=2500)
+    z_later = np.asarray(state.poisons) - 0.125 * grad_later
+    np.testing.assert_allclose(later.poisons, np.clip(t + np.clip(z_later - t, -cfg.eps, cfg.eps), 0, 1), atol=1e-5)
+
+
+def test_adam_option_takes_adams_first_step_then_the_same_projection(setup):
+    variables, targets, sources = setup
+    cfg = htba.HTBAConfig(**{**CFG.__dict__, "lr": 0.05, "optimizer": "adam"})
+    features = htba.feature_fn(MODEL, cfg.feature_layer)
+    crafter = htba.poison_crafter(features, cfg)
+    inputs = htba.CraftInputs(variables, jnp.asarray(sources), TRIGGER)
+    key = jax.random.key(7)
+    state = crafter.init(jnp.asarray(targets[:K]), key)
+    new = jax.jit(crafter.update)(state, inputs)
+    grad, _, _ = _matched_gradient(variables, features, state, inputs, key)
+    # Adam's first step (bias-corrected moments m = g, v = g^2): -lr * g / (|g| + 1e-8), about -lr * sign(g)
+    z = np.asarray(state.poisons) - 0.05 * grad / (np.abs(grad) + 1e-8)
+    t = targets[:K]
+    np.testing.assert_allclose(new.poisons, np.clip(t + np.clip(z - t, -cfg.eps, cfg.eps), 0, 1), atol=1e-5)
+    moved = np.abs(np.asarray(new.poisons) - t)
+    assert np.isclose(moved[(np.abs(grad) > 1e-4) & (t > 0.06) & (t < 0.94)], 0.05, atol=1e-5).all()
 
 
 def test_loop_reduces_the_feature_distance_within_the_constraints(setup, crafted):

@@ -34,6 +34,7 @@ def _one_line(excinfo):
     ("matching", "auction", "matching must be one of hungarian, greedy, got 'auction'"),
     ("keep", "first", "keep must be one of last, best"),
     ("feature_layer", "", "feature_layer must be a layer name"),
+    ("optimizer", "sign", "optimizer must be one of sgd, adam"),
 ])
 def test_config_validation(field, value, expected):
     with pytest.raises(ConfigError, match=expected) as e:
@@ -46,6 +47,7 @@ def test_defaults_are_the_reference():
     assert (c.eps, c.lr, c.lr_decay, c.lr_decay_every, c.max_iters, c.stop_distance) == (16 / 255, 0.01, 0.5, 1000,
                                                                                           5000, 10.0)
     assert (c.poisons_per_batch * c.num_batches, c.feature_layer, c.matching) == (400, "fc7", "hungarian")
+    assert c.optimizer == "sgd"  # the official plain gradient step
 
 
 def _craft(targets, sources, trigger=T.checkerboard(3, 3), cfg=CFG):

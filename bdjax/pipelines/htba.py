@@ -44,6 +44,7 @@ class HTBASetting:
     # 3.1 in 100; lr 0.1 and 1.0 oscillate (5.4, 12.1 after 100)
     max_iters: int = 150
     craft_lr: float = 0.01
+    craft_optimizer: str = "sgd"  # the official plain step; "adam" for users who want it (HTBAConfig.optimizer)
     lr_decay_every: int = 1000
     # the official stop test (max squared distance < 10) is on 4096-d ImageNet fc7 features; the small net's 64-d
     # features live on another scale, so small runs a fixed number of iterations (0 = never stop early)
@@ -63,7 +64,7 @@ class HTBASetting:
         if n % k:
             raise ConfigError(f"htba n_poisons {n} must be a multiple of poisons_per_batch {k}")
         return HTBAConfig(poisons_per_batch=k, num_batches=n // k, eps=self.eps, lr=self.craft_lr,
-                          lr_decay_every=self.lr_decay_every, max_iters=self.max_iters,
+                          optimizer=self.craft_optimizer, lr_decay_every=self.lr_decay_every, max_iters=self.max_iters,
                           stop_distance=self.stop_distance, matching=self.matching,
                           feature_layer=self.feature_layer).validate()
 

@@ -1,8 +1,9 @@
 """One HTBA iteration as a pure optax-style (init, update) pair over an `HTBAState` pytree.
 
 An iteration (Saha et al. 2020, Algorithm 1): draw K source images, paste the trigger at a random place on each,
-re-match the K poisons to the K patched sources in feature space, take one plain gradient step on
-sum_k ||f(z_k) - f(s_a(k))||^2 and project onto the eps-ball around the targets and onto [0, 1].
+re-match the K poisons to the K patched sources in feature space, take one gradient step on
+sum_k ||f(z_k) - f(s_a(k))||^2 (an optax transformation: plain SGD as the official code, or Adam) and project onto
+the eps-ball around the targets and onto [0, 1].
 
 `update` is `finish(state, prepared, match(prepared.cost))` with `prepared = prepare(state, inputs)`; the two
 halves are public so a caller can put another matcher between them (the benchmark's host-side scipy solver).
@@ -14,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from bdjax import triggers as T
 from bdjax.attacks.htba.assignment import match, squared_distances
@@ -33,6 +35,7 @@ class HTBAState(NamedTuple):
     converged: jax.Array  # bool: max(distance) < stop_distance
     best_mean: jax.Array  # float32: smallest mean of `distance` seen so far
     best_poisons: jax.Array  # the poisons at which best_mean was measured
+    opt_state: Any  # the optax state of the pixel optimiser (empty for plain SGD)
 
 
 class CraftInputs(NamedTuple):
@@ -71,6 +74,10 @@ def patched_sources(key: jax.Array, sources: jax.Array, trigger: T.Trigger, k: i
 def poison_crafter(features: FeatureFn, config: HTBAConfig) -> PoisonCrafter:
     """The (init, update) pair for `config` (validated here); `features` maps images to (B, D) features."""
     cfg = config.validate()
+    # the official schedule: lr * lr_decay ** (step // lr_decay_every)
+    schedule = optax.exponential_decay(cfg.lr, cfg.lr_decay_every, cfg.lr_decay, staircase=True)
+    # unit-rate directions scaled by schedule(state.step): the step, not the optimiser's own count, sets the lr
+    tx = optax.sgd(1.0) if cfg.optimizer == "sgd" else optax.adam(1.0)
 
     def init(targets: jax.Array, key: jax.Array) -> HTBAState:
         t = as_unit_float(targets)
@@ -78,7 +85,7 @@ def poison_crafter(features: FeatureFn, config: HTBAConfig) -> PoisonCrafter:
         return HTBAState(
             poisons=t, targets=t, key=key, step=jnp.zeros((), jnp.int32), lr=jnp.asarray(cfg.lr, jnp.float32),
             distance=jnp.full((k,), jnp.inf, jnp.float32), converged=jnp.zeros((), bool),
-            best_mean=jnp.asarray(jnp.inf, jnp.float32), best_poisons=t)
+            best_mean=jnp.asarray(jnp.inf, jnp.float32), best_poisons=t, opt_state=tx.init(t))
 
     def prepare(state: HTBAState, inputs: CraftInputs) -> Prepared:
         k = state.poisons.shape[0]
@@ -91,13 +98,15 @@ def poison_crafter(features: FeatureFn, config: HTBAConfig) -> PoisonCrafter:
         diff = prepared.poison_feats - prepared.source_feats[perm]
         dist = jnp.sum(diff * diff, axis=1)
         (grad,) = prepared.pullback(2.0 * diff)
-        lr = cfg.lr * jnp.power(jnp.float32(cfg.lr_decay), (state.step // cfg.lr_decay_every).astype(jnp.float32))
-        z = state.poisons - lr * grad
+        lr = schedule(state.step).astype(jnp.float32)
+        direction, opt_state = tx.update(grad, state.opt_state, state.poisons)
+        z = state.poisons + lr * direction
         z = jnp.clip(state.targets + jnp.clip(z - state.targets, -cfg.eps, cfg.eps), 0.0, 1.0)
         mean = dist.mean()
         better = mean < state.best_mean
         return state._replace(
             poisons=z, step=state.step + 1, lr=lr, distance=dist,
+            opt_state=opt_state,
             # The official stop test: the loss of this iteration, checked after its step was taken.
             converged=dist.max() < cfg.stop_distance,
             best_mean=jnp.where(better, mean, state.best_mean),
