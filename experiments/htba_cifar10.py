@@ -23,11 +23,11 @@ epochs (loss stayed at ln 8 with SGD 0.05 and Adam 1e-3: its stride-4 11x11 conv
 costs one forward/backward per poison per iteration, so the cheaper net was chosen.
 small crafting: 800 poisons in 2 batches of K = 400 re-matched together, 450 iterations at lr 0.01 (no early
 stop), eps 16/255; finetuning the head 30 epochs (SGD 0.05, momentum 0.9, batch 128) on 3000 clean images (+ the
-800 poisons).
+800 poisons; only the head moves and nothing augments, so it trains on the frozen features computed once).
 full: seeds/001's ImageNet setting as a preset (224x224, 30x30 trigger, AlexNet fc7, 400 poisons, the official
 crafting and finetuning recipes); CIFAR images would need resizing to 224, and the weights come from --weights.
 
-Measured (`--scale small`, seed 0, 2 CPU cores, feature net cached: 26.5 min; its pretraining adds ~7.6 min):
+Measured (`--scale small`, seed 0, 2 idle CPU cores, from scratch: 28.1 min, of which pretraining 6.3 min):
 pairs 5->8, 3->0, 8->0; clean / poisoned model: val_clean 0.882 +- 0.065 / 0.845 +- 0.067, val_patched_source
 0.811 +- 0.037 / 0.346 +- 0.039 (0.401, 0.317, 0.320 per pair), asr 0.189 / 0.654 (seeds/001: 0.993 / 0.182).
 How the preset got there (same pairs): widths 16-32-64 on 1000 images per class with K = 100 x 150 iterations gave

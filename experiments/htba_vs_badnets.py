@@ -11,10 +11,11 @@ finetuned the same way (the head only). --htba-run DIR reuses that htba_cifar10 
 (the same scale and seed); without it they are made here. Rows: pair, method (htba | badnets), n_poisons,
 val_clean, val_patched_source, asr; summary.json `mean` / `std` per method and n.
 
-Measured (`--scale small --pairs 1 --htba-run` the htba_cifar10 small run, pair 5->8, 587 s): Val Patched (source
-only) BadNets 0.858 / 0.830 / 0.747 / 0.632, HTBA 0.864 / 0.840 / 0.788 / 0.712 at 50 / 100 / 200 / 400 poisons;
-Val Clean 0.942-0.917 (BadNets), 0.939-0.924 (HTBA). Even the label-flipped visible-trigger BadNets stays at 0.63:
-with only the head trained, the small pretrained feature net is what limits both attacks at this scale.
+Measured (`--scale small --pairs 1 --htba-run` the htba_cifar10 small run, pair 5->8, 57 s): Val Patched (source
+only) BadNets 0.796 / 0.720 / 0.573 / 0.425, HTBA 0.815 / 0.769 / 0.659 / 0.532 at 50 / 100 / 200 / 400 poisons;
+Val Clean 0.943-0.916 (BadNets), 0.947-0.925 (HTBA). HTBA trails the label-flipped visible-trigger BadNets by 2-11
+points, as in seeds/000's table at 50-200 poisons; with only the head trained, the small pretrained feature net
+limits both (the paper's 400-poison BadNets reaches 0.223).
 """
 from __future__ import annotations
 

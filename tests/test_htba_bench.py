@@ -21,6 +21,22 @@ def test_bench_htba_reports_consistent_rates():
     assert abs(out["speedup_vs_host"] - out["iters_per_s"] / out["host_iters_per_s"]) < 1e-9
     assert (out["k"], out["iters"], out["batches"]) == (6, 4, 1) and out["batched_iters_per_s"] is None
     assert out["greedy_iters_per_s"] is None and out["hungarian_share"] is None
+    assert out["speedup_bound_vs_host"] is None  # it needs the greedy loop
     assert set(out["assignment"]) == {"6"}
     for timing in out["assignment"].values():
         assert timing["optax_ms"] > 0 and timing["scipy_ms"] > 0 and timing["same_cost"] is True
+
+
+def test_bench_htba_model_options_keep_lists_whole_and_reject_bad_entries():
+    import importlib.util
+
+    import pytest
+
+    from bdjax.errors import ConfigError
+
+    spec = importlib.util.spec_from_file_location("bench_htba", ROOT / "scripts" / "bench_htba.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.model_options("widths=[32,64,128],dropout=0.5") == {"widths": [32, 64, 128], "dropout": 0.5}
+    with pytest.raises(ConfigError, match="name=value"):
+        bench.model_options("widths")

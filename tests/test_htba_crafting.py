@@ -156,6 +156,17 @@ def test_compiled_loop_makes_no_host_transfer(setup, crafted):
     np.testing.assert_array_equal(jax.device_get(trace), crafted.trace)
 
 
+def test_progress_bar_counts_the_iterations_and_changes_no_poison(setup, crafted, monkeypatch, capsys):
+    variables, targets, sources = setup
+    monkeypatch.setenv("BDJAX_PROGRESS", "1")
+    shown = htba.craft_poisons(MODEL, variables, targets, sources, TRIGGER, CFG, key=jax.random.key(0),
+                               desc="crafting test")
+    bar = capsys.readouterr().err
+    assert "crafting test" in bar and f"{CFG.max_iters}/{CFG.max_iters}" in bar, bar[-500:]
+    np.testing.assert_array_equal(shown.poisons, crafted.poisons)
+    assert htba.craft.PROGRESS.bar is None  # released after the call
+
+
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (bdjax makes one per CPU core)")
 def test_one_device_gives_the_poisons_of_several(setup, crafted):
     variables, targets, sources = setup

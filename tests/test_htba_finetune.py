@@ -38,6 +38,33 @@ def test_finetune_with_trainable_head_keeps_every_other_layer_and_the_bn_statist
         htba.finetune(model, start, TrainConfig(model="cifar_cnn", epochs=1, batch_size=16), x, y, seed=0)
 
 
+def test_head_finetuning_on_cached_features_matches_training_the_whole_network_with_the_rest_frozen():
+    from bdjax.train.loop import fit
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (96, 8, 8, 3), dtype=np.uint8)
+    y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype(np.int32)
+    model = get_model("cifar_cnn", 2, widths=(4, 4, 8))
+    start = jax.device_get(init_model(model, jax.random.key(3), (8, 8, 3)))
+    cfg = TrainConfig(model="cifar_cnn", epochs=3, batch_size=16, lr=0.5, momentum=0.9, trainable=("fc",))
+    fast_state = htba.victim._finetune_head_on_cached_features(model, start, cfg, x, y, seed=4, run=None, desc="t")
+    assert fast_state is not None  # cifar_cnn's logits are fc(penultimate): the cached path applies
+    fast = jax.device_get(fast_state.variables)
+    jax.tree.map(np.testing.assert_array_equal, fast,
+                 jax.device_get(htba.finetune(model, start, cfg, x, y, seed=4).variables))  # finetune takes it
+    slow = jax.device_get(fit(model, cfg, x, y, seed=4, init_variables=start,
+                              loss_fn=htba.victim.frozen_features_loss(model)).variables)
+    moved = np.abs(fast["params"]["fc"]["kernel"] - start["params"]["fc"]["kernel"]).max()
+    assert moved > 0.01  # it trained
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fast, slow)
+    # a layer that is not the head: the whole network is trained, and only that layer moves
+    conv = TrainConfig(model="cifar_cnn", epochs=1, batch_size=16, lr=0.5, trainable=("conv6",))
+    assert htba.victim._finetune_head_on_cached_features(model, start, conv, x, y, seed=4, run=None, desc="t") is None
+    after = jax.device_get(htba.finetune(model, start, conv, x, y, seed=4).variables)["params"]
+    assert not np.array_equal(after["conv6"]["kernel"], start["params"]["conv6"]["kernel"])
+    np.testing.assert_array_equal(after["fc"]["kernel"], start["params"]["fc"]["kernel"])
+
+
 class BrightIsTarget(nn.Module):
     """Output `target_index` for an image with any pixel above 0.8 or a mean above 0.4, else the other class."""
     target_index: int

@@ -138,7 +138,7 @@ def craft_or_load(setting: HTBASetting, model, variables, starts, sources, trigg
         return htba.load_poisons(poisons_dir), json.loads(info_path.read_text())
     cfg = setting.htba_config(n_poisons)
     t0 = time.time()
-    res = htba.craft_poisons(model, variables, starts, sources, trigger, cfg, key=seed)
+    res = htba.craft_poisons(model, variables, starts, sources, trigger, cfg, key=seed, desc=f"craft {folder.name}")
     htba.save_poisons(poisons_dir, res.poisons)
     htba.save_poison_grid(folder / "poisons.png", res.targets, res.poisons, eps=cfg.eps)
     info = {"n_poisons": int(len(res.poisons)), "iterations": res.iterations.tolist(),

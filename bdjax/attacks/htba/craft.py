@@ -37,9 +37,30 @@ class HTBAResult(NamedTuple):
     trace: np.ndarray  # (B, max_iters) mean matched squared distance per iteration; NaN after the stop
 
 
-def run_to_end(crafter: PoisonCrafter, max_iters: int, state: HTBAState, inputs: CraftInputs):
+class CraftProgress:
+    """The host end of the crafting progress bar. With bars on, the compiled loop hands its step to `report`
+    through `jax.debug.callback` (a one-way call: nothing comes back to the device, so the iteration never waits
+    on the host); `craft_poisons` points `bar` at its tqdm for the length of its call."""
+
+    def __init__(self):
+        self.bar = None
+
+    def report(self, step) -> None:
+        bar = self.bar
+        if bar is not None:
+            n = int(np.max(step))  # the furthest batch (batches on other devices report too)
+            if n > bar.n:
+                bar.update(n - bar.n)
+
+
+PROGRESS = CraftProgress()
+
+
+def run_to_end(crafter: PoisonCrafter, max_iters: int, state: HTBAState, inputs: CraftInputs,
+               report=None):
     """Iterate `crafter.update` until the batch converges or reaches max_iters; also returns the per-iteration
-    mean distance (max_iters,) so a caller can plot the descent without any host callback."""
+    mean distance (max_iters,) so a caller can plot the descent. `report`: called with the step after each
+    iteration (a progress bar), or None: no host callback at all."""
 
     def cond(carry):
         state, _ = carry
@@ -48,6 +69,8 @@ def run_to_end(crafter: PoisonCrafter, max_iters: int, state: HTBAState, inputs:
     def body(carry):
         state, trace = carry
         new = crafter.update(state, inputs)
+        if report is not None:
+            jax.debug.callback(report, new.step)
         return new, trace.at[state.step].set(new.distance.mean())
 
     trace = jnp.full((max_iters,), jnp.nan, jnp.float32)
@@ -64,17 +87,18 @@ def batch_mesh(num_batches: int, devices: Sequence[jax.Device] | None = None) ->
 
 
 @functools.lru_cache(maxsize=16)
-def make_crafter(model: nn.Module, config: HTBAConfig, mesh: jax.sharding.Mesh):
+def make_crafter(model: nn.Module, config: HTBAConfig, mesh: jax.sharding.Mesh, progress: bool = False):
     """The compiled call `(targets (B, K, H, W, C), keys (B,), CraftInputs) -> (HTBAState, trace)`, every leaf
-    with a leading batch axis; B must be a multiple of the mesh size. Cached: one compilation per model,
-    config, mesh and input shape."""
+    with a leading batch axis; B must be a multiple of the mesh size. progress: report each step to
+    `PROGRESS`. Cached: one compilation per model, config, mesh, progress and input shape."""
     features = feature_fn(model, config.feature_layer)
     if mesh.devices.flat[0].platform == "cpu":
         features = loop_friendly_convs(features)
     crafter = poison_crafter(features, config)
 
     def one_batch(targets, key, inputs):
-        return run_to_end(crafter, config.max_iters, crafter.init(targets, key), inputs)
+        return run_to_end(crafter, config.max_iters, crafter.init(targets, key), inputs,
+                          report=PROGRESS.report if progress else None)
 
     local = jax.vmap(one_batch, in_axes=(0, 0, None))
     # check_vma off: third-party loops inside (optax's Hungarian) start their carries from unvarying constants,
@@ -120,15 +144,20 @@ def check_inputs(targets, sources, trigger: T.Trigger, config: HTBAConfig):
 
 def craft_poisons(model: nn.Module, variables, targets, sources, trigger: T.Trigger,
                   config: HTBAConfig = HTBAConfig(), *, key=0,
-                  devices: Sequence[jax.Device] | None = None) -> HTBAResult:
+                  devices: Sequence[jax.Device] | None = None, desc: str = "craft poisons") -> HTBAResult:
     """Hidden-trigger poisons: `num_batches` x `poisons_per_batch` images, poison i started from targets[i].
 
     targets / sources: (N, H, W, C) uint8 or float [0, 1] images of the target / source class (the first
     num_batches x K targets are used, in order: shuffle before if you want a random subset). `trigger`: a
     `bdjax.triggers.Trigger` (e.g. `triggers.from_image(png, size=30)`), pasted opaquely at a random place on
     every drawn source. The features are `config.feature_layer` of `model.apply(variables, x, features=True)`.
-    `key`: a `jax.random.key` or an int seed; the result is a function of it.
+    `key`: a `jax.random.key` or an int seed; the result is a function of it. A progress bar (`desc`) counts
+    the iterations unless BDJAX_PROGRESS=0.
     """
+    from tqdm.auto import tqdm
+
+    from bdjax.train.loop import progress_enabled
+
     config = config.validate()
     targets, sources = check_inputs(targets, sources, trigger, config)
     check_feature_layer(model, config.feature_layer, targets.shape[1:])
@@ -140,7 +169,14 @@ def craft_poisons(model: nn.Module, variables, targets, sources, trigger: T.Trig
     t, keys = jax.device_put((t, jax.random.split(key, b)), split)
     inputs = jax.device_put(CraftInputs(variables, sources, trigger), replicated)
     # `keep` only picks an output: one compilation serves both values
-    state, trace = make_crafter(model, dataclasses.replace(config, keep="last"), mesh)(t, keys, inputs)
+    show = progress_enabled()
+    run = make_crafter(model, dataclasses.replace(config, keep="last"), mesh, progress=show)
+    with tqdm(total=config.max_iters, desc=desc, unit="it", disable=not show) as bar:
+        PROGRESS.bar = bar
+        try:
+            state, trace = jax.block_until_ready(run(t, keys, inputs))
+        finally:
+            PROGRESS.bar = None
     poisons = state.best_poisons if config.keep == "best" else state.poisons
     poisons, targets_used, dist, steps, conv, trace = jax.device_get(
         (poisons, state.targets, state.distance, state.step, state.converged, trace))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -116,8 +117,50 @@ def finetune(model, variables: dict, cfg, x, y, *, seed: int, run=None, desc: st
 
     if not cfg.trainable:
         raise ConfigError("htba finetuning needs train.trainable (e.g. fc8): the feature layers must stay frozen")
+    if cfg.augment == "none" and len(cfg.trainable) == 1:
+        state = _finetune_head_on_cached_features(model, variables, cfg, x, y, seed=seed, run=run, desc=desc)
+        if state is not None:
+            return state
     return fit(model, cfg, x, y, seed=seed, run=run, init_variables=variables, desc=desc,
                loss_fn=frozen_features_loss(model))
+
+
+class DenseHead(nn.Module):
+    """The last layer of a bdjax model alone (logits = Dense(penultimate)), under the model's own layer name."""
+    num_classes: int
+    layer: str
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(self.num_classes, name=self.layer)(x)
+
+
+def _finetune_head_on_cached_features(model, variables: dict, cfg, x, y, *, seed: int, run, desc: str):
+    """Only the head moves and nothing augments the images, so the frozen layers give the same eval-mode features
+    at every step: compute them once and train the head on them. The same batches, initial head and updates as
+    the whole network (the paper's fc8 finetuning), about 10x faster on CPU. None (the caller trains the whole
+    network) when the model's logits are not the head applied to its penultimate features."""
+    from bdjax.train.core import to_float
+    from bdjax.train.loop import fit
+
+    (head,) = cfg.trainable
+    params = variables["params"]
+    if set(params.get(head, {})) != {"kernel", "bias"} or np.ndim(params[head]["kernel"]) != 2:
+        return None  # not a Dense layer
+    forward = jax.jit(lambda xb: model.apply(variables, to_float(xb), train=False, features=True))
+    chunks = [forward(x[i:i + 512]) for i in range(0, len(x), 512)]
+    logits = np.concatenate([np.asarray(c[0]) for c in chunks])
+    feats = np.concatenate([np.asarray(c[1]["penultimate"], np.float32) for c in chunks])
+    if np.shape(params[head]["kernel"]) != (feats.shape[-1], logits.shape[-1]):
+        return None
+    head_model = DenseHead(logits.shape[-1], head)
+    head_vars = {"params": {head: params[head]}}
+    if not np.allclose(np.asarray(head_model.apply(head_vars, feats)), logits, rtol=1e-4, atol=1e-4):
+        return None
+    state = fit(head_model, cfg, feats, y, seed=seed, run=run, init_variables=head_vars, desc=desc,
+                loss_fn=frozen_features_loss(head_model))
+    # the whole network's weights with the trained head (opt_state stays the head's: finetuning has ended)
+    return state.replace(params={**params, head: state.params[head]}, batch_stats=variables.get("batch_stats", {}))
 
 
 def patch_images(x, trigger: T.Trigger, seed: int = 0) -> np.ndarray:
