@@ -80,8 +80,9 @@ def setting_for(scale: str):
         return HTBASetting(holdout=HOLDOUT,
                            pretrain=TrainConfig(model="cifar_cnn", epochs=1, batch_size=128, lr=0.05),
                            pretrain_per_class=200, n_poisons=40, poisons_per_batch=20, n_clean_per_class=100,
-                           max_iters=20, finetune=TrainConfig(model="cifar_cnn", epochs=2, batch_size=64, lr=0.01,
-                                                              weight_decay=0.0, trainable=("fc",))), 1
+                           max_iters=20, craft_lr=1.0,  # 20 steps of 0.01 on the 1-epoch net move no 8-bit pixel
+                           finetune=TrainConfig(model="cifar_cnn", epochs=2, batch_size=64, lr=0.01,
+                                                weight_decay=0.0, trainable=("fc",))), 1
     if scale == "full":
         # seeds/001 ImageNet: 30x30 trigger on 224x224, AlexNet fc7, 400 poisons (K=100), the official crafting
         # (5000 iterations, lr 0.01 halved every 1000) and finetuning (fc8, SGD 0.001, momentum 0.9, x0.1 at

@@ -1,0 +1,69 @@
+"""The HTBA pipeline end to end on CIFAR-10 at the tiny preset: single- and multi-source pairs evaluate the right
+classes and images, the poisons a victim reads back are 8-bit images within eps of the target images they started
+from, and a rerun reuses each pair's rows."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require_data_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    require_data_root("cifar10")
+    from bdjax.data import load_dataset
+    from bdjax.pipelines.htba import random_pairs, run_pair
+
+    spec = importlib.util.spec_from_file_location("htba_cifar10", ROOT / "experiments" / "htba_cifar10.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    setting, _ = exp.setting_for("tiny")
+    ds = load_dataset("cifar10")
+    out = tmp_path_factory.mktemp("htba")
+    (source, target), = random_pairs(ds.num_classes, 1, 0, among=setting.holdout)
+    single = run_pair(setting, ds, source, target, 0, out, seed=0)
+    multi = run_pair(setting, ds, None, target, 0, out, seed=0, multi_source=True)  # the same feature net
+    return setting, ds, out, (source, target), single, multi
+
+
+def test_single_and_multi_source_rows_read_their_classes(tiny):
+    setting, ds, _, (source, target), single, multi = tiny
+    n_test = np.bincount(ds.y_test, minlength=ds.num_classes)
+    for result, variant, sources, classes in ((single, "single_source", [source], [source, target]),
+                                              (multi, "multi_source", [c for c in range(10) if c != target],
+                                               list(range(10)))):
+        assert [r["model"] for r in result["rows"]] == ["clean", "poisoned"]
+        for r in result["rows"]:
+            assert r["variant"] == variant and r["pair"] == [None if variant == "multi_source" else source, target]
+            assert r["n_poisons"] == setting.n_poisons and r["n_clean"] == setting.n_clean_per_class * len(classes)
+            assert r["n_val_clean"] == n_test[classes].sum() and r["n_val_patched"] == n_test[sources].sum()
+            assert r["val_patched_source"] + r["asr"] <= 1.0 + 1e-9  # a patched source image counts once at most
+
+
+def test_poisons_are_8_bit_images_within_eps_of_their_start_images(tiny):
+    from bdjax.attacks import htba
+    from bdjax.pipelines.htba import split_pair_data
+
+    setting, ds, out, (source, target), _, _ = tiny
+    for name, classes in ((f"{source}_{target}", sorted((source, target))), (f"all_{target}", list(range(10)))):
+        poisons = htba.load_poisons(out / "pairs" / name / "poisons")
+        _, _, starts = split_pair_data(ds, classes, target, setting.n_clean_per_class, setting.n_poisons, 0)
+        assert poisons.dtype == np.uint8 and poisons.shape == starts.shape
+        moved = np.abs(poisons.astype(int) - starts.astype(int))
+        assert moved.max() <= round(setting.eps * 255) and moved.max() > 0, name
+
+
+def test_a_rerun_reuses_the_rows_of_each_pair(tiny):
+    from bdjax.pipelines.htba import run_pair
+
+    setting, ds, out, (source, target), single, multi = tiny
+    done = out / "pairs" / f"all_{target}" / "pair.json"
+    stamp = done.stat().st_mtime_ns
+    again = run_pair(setting, ds, None, target, 0, out, seed=0, multi_source=True)
+    assert again["rows"] == multi["rows"] and done.stat().st_mtime_ns == stamp
+    assert json.loads((out / "pairs" / f"{source}_{target}" / "pair.json").read_text())["rows"] == single["rows"]
