@@ -74,6 +74,23 @@ def save_curves(path: Path, records: list[dict]) -> None:
     plt.close(fig)
 
 
+def save_craft_trace(path: Path, trace: np.ndarray) -> None:
+    """HTBA crafting: the mean matched squared feature distance per iteration, one line per batch of K poisons
+    (NaN after a batch's early stop leaves a gap)."""
+    trace = np.atleast_2d(np.asarray(trace, np.float64))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, row in enumerate(trace):
+        ax.plot(np.arange(1, len(row) + 1), row, label=f"batch {i}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("squared feature distance")
+    ax.set_title("poison to matched patched source (mean over K)", fontsize=9)
+    if len(trace) <= 8:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_trigger_grid(path, result, ncols: int | None = None) -> None:
     """Neural Cleanse: PNG grid of the reversed triggers (mask * pattern) per label (an NCResult), titled with
     the norm; flagged labels in red."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import require_data_root
 
@@ -56,6 +57,7 @@ def test_poisons_are_8_bit_images_within_eps_of_their_start_images(tiny):
         assert poisons.dtype == np.uint8 and poisons.shape == starts.shape
         moved = np.abs(poisons.astype(int) - starts.astype(int))
         assert moved.max() <= round(setting.eps * 255) and moved.max() > 0, name
+        assert Image.open(out / "pairs" / name / "craft_trace.png").size[0] >= 300  # the descent, as a figure
 
 
 def test_a_rerun_reuses_the_rows_of_each_pair(tiny):

@@ -130,6 +130,7 @@ def split_pair_data(ds, classes, target: int, n_clean_per_class: int, n_poisons:
 def craft_or_load(setting: HTBASetting, model, variables, starts, sources, trigger, folder: Path, seed: int,
                   n_poisons: int | None = None):
     """The pair's poisons as the victim gets them (uint8 PNGs read back); crafted once, then read from folder."""
+    from bdjax import plots
     from bdjax.attacks import htba
     from bdjax.results import write_json
 
@@ -141,6 +142,7 @@ def craft_or_load(setting: HTBASetting, model, variables, starts, sources, trigg
     res = htba.craft_poisons(model, variables, starts, sources, trigger, cfg, key=seed, desc=f"craft {folder.name}")
     htba.save_poisons(poisons_dir, res.poisons)
     htba.save_poison_grid(folder / "poisons.png", res.targets, res.poisons, eps=cfg.eps)
+    plots.save_craft_trace(folder / "craft_trace.png", res.trace)
     info = {"n_poisons": int(len(res.poisons)), "iterations": res.iterations.tolist(),
             "converged": res.converged.tolist(), "mean_distance": float(np.mean(res.distance)),
             "max_distance": float(np.max(res.distance)), "craft_s": time.time() - t0,
