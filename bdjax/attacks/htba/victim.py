@@ -140,22 +140,23 @@ def _finetune_head_on_cached_features(model, variables: dict, cfg, x, y, *, seed
     at every step: compute them once and train the head on them. The same batches, initial head and updates as
     the whole network (the paper's fc8 finetuning), about 10x faster on CPU. None (the caller trains the whole
     network) when the model's logits are not the head applied to its penultimate features."""
-    from bdjax.train.core import to_float
+    from bdjax.defenses.features import extract_features
     from bdjax.train.loop import fit
 
     (head,) = cfg.trainable
     params = variables["params"]
-    if set(params.get(head, {})) != {"kernel", "bias"} or np.ndim(params[head]["kernel"]) != 2:
-        return None  # not a Dense layer
-    forward = jax.jit(lambda xb: model.apply(variables, to_float(xb), train=False, features=True))
-    chunks = [forward(x[i:i + 512]) for i in range(0, len(x), 512)]
-    logits = np.concatenate([np.asarray(c[0]) for c in chunks])
-    feats = np.concatenate([np.asarray(c[1]["penultimate"], np.float32) for c in chunks])
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or set(params.get(head, {})) != {"kernel", "bias"} or np.ndim(params[head]["kernel"]) != 2:
+        return None  # float images, or not a Dense layer
+    feats = extract_features(model, variables, x, "penultimate")
+    # the model's function either is Dense(penultimate) or is not: a few images tell
+    probe = x[:256]
+    logits = extract_features(model, variables, probe, "logits")
     if np.shape(params[head]["kernel"]) != (feats.shape[-1], logits.shape[-1]):
         return None
     head_model = DenseHead(logits.shape[-1], head)
     head_vars = {"params": {head: params[head]}}
-    if not np.allclose(np.asarray(head_model.apply(head_vars, feats)), logits, rtol=1e-4, atol=1e-4):
+    if not np.allclose(np.asarray(head_model.apply(head_vars, feats[:len(probe)])), logits, rtol=1e-4, atol=1e-4):
         return None
     state = fit(head_model, cfg, feats, y, seed=seed, run=run, init_variables=head_vars, desc=desc,
                 loss_fn=frozen_features_loss(head_model))
