@@ -1,6 +1,7 @@
 """Pretraining throughput of bdjax.ssl (MoCo v2, BYOL) and the share of the step spent in augmentation.
 
     python scripts/bench_ssl.py [--steps 4] [--batch 128] [--backbones small,resnet18] [--methods moco,byol]
+                                [--byol-bn-groups 1,0]
 
 For each method and backbone (small: the narrow ResNet-18 of `--scale small`, widths 16-128, one block per stage;
 resnet18: the full CIFAR ResNet-18) on 32x32 images: images/s of the compiled pretraining step (data-parallel over
@@ -42,10 +43,11 @@ def timed(f, *args, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def bench(method: str, backbone: str, batch: int, steps: int) -> dict:
+def bench(method: str, backbone: str, batch: int, steps: int, byol_bn_groups: int = 1) -> dict:
     mesh = data_mesh(batch)
     mesh = mesh if mesh.size > 1 else None
-    cfg = moco.MocoConfig(queue_size=16 * batch, bn_groups=0) if method == "moco" else byol.ByolConfig()
+    cfg = (moco.MocoConfig(queue_size=16 * batch, bn_groups=0) if method == "moco"
+           else byol.ByolConfig(bn_groups=byol_bn_groups))
     m = P.build(method, get_model("resnet18", 10, **BACKBONES[backbone]), cfg, batch_size=batch,
                 total_steps=1000, n_devices=mesh.size if mesh else 1)
     tx = optax.sgd(0.01, 0.9)
@@ -81,16 +83,27 @@ def main():
     p.add_argument("--backbones", default="small,resnet18")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--byol-bn-groups", default="1",
+                   help="BYOL's BN groups, comma-separated (1 = synchronised over the batch, 0 = one per device); "
+                        "with several, byol_bn_speedup = images/s of each against the first, in this run")
     a = p.parse_args()
     results = {}
+    groups = [int(g) for g in a.byol_bn_groups.split(",")]
     for method in a.methods.split(","):
         for bb in a.backbones.split(","):
-            r = bench(method, bb, a.batch, a.steps)
-            results[f"{method}/{bb}"] = r
-            print(method, bb, {k: round(v, 3) for k, v in r.items()}, flush=True)
+            for g in (groups if method == "byol" else [None]):
+                name = f"{method}/{bb}" if g in (None, groups[0]) else f"{method}[bn_groups={g}]/{bb}"
+                r = bench(method, bb, a.batch, a.steps, g if g is not None else 1)
+                results[name] = r
+                print(name, {k: round(v, 3) for k, v in r.items()}, flush=True)
     out = {"device": f"{jax.devices()[0].platform}:{len(jax.devices())}", "batch": a.batch,
+           "byol_bn_groups": groups,
            "images_per_s": {k: r["images_per_s"] for k, r in results.items()},
            "augment_share": {k: r["augment_share"] for k, r in results.items()}}
+    if len(groups) > 1 and "byol" in a.methods.split(","):
+        out["byol_bn_speedup"] = {f"bn_groups={g}/{bb}": results[f"byol[bn_groups={g}]/{bb}"]["images_per_s"]
+                                  / results[f"byol/{bb}"]["images_per_s"]
+                                  for g in groups[1:] for bb in a.backbones.split(",")}
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from torch_baselines import moco_images_per_s, torch_available

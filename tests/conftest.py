@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from bdjax.data import default_data_root
-from bdjax.errors import DataError
+# One compilation per distinct computation for the whole run: many tests, and the CLI and experiment processes they
+# spawn, compile the same train steps again. JAX's persistent compilation cache shares them across tests, xdist
+# workers (they inherit this environment from the controller) and subprocesses. A fresh folder per run, removed at
+# exit, so nothing accumulates; a user's own JAX_COMPILATION_CACHE_DIR is respected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="bdjax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+import jax  # noqa: E402  (read the variables above even if a plugin imported JAX first)
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+from bdjax.data import default_data_root  # noqa: E402
+from bdjax.errors import DataError  # noqa: E402
 
 
 def require_data_root(name: str | None = None) -> Path:

@@ -22,6 +22,17 @@ def bdjax(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "bdjax", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+def bdjax_in_process(capsys, *args) -> tuple[int, str]:
+    """The CLI's exit code and stderr without a new interpreter: the config errors below are raised before any
+    training, so the ~5 s of a fresh JAX import would be most of each case (the real entry point: the tests
+    around, which spawn `python -m bdjax`)."""
+    from bdjax import cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
 def test_help_lists_subcommands():
     r = bdjax("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("demo", "badnets", "fields", "data"))
@@ -36,12 +47,12 @@ def test_help_lists_subcommands():
     ("data.dataset=/nonexistent/folder", "/nonexistent/folder"),
     ("attack.kind=none", "the demo's defenses need a backdoored model"),
 ])
-def test_bad_input_gives_one_line_error(tmp_path, override, message):
-    r = bdjax("demo", "--out", str(tmp_path / "run"), override, "train.epochs=1")
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bdjax: error: ") and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+def test_bad_input_gives_one_line_error(tmp_path, capsys, override, message):
+    code, err = bdjax_in_process(capsys, "demo", "--out", str(tmp_path / "run"), override, "train.epochs=1")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bdjax: error: ") and message in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()  # refused before training
 
 
 def test_override_parsing():
@@ -135,16 +146,16 @@ def test_every_field_of_every_command_is_documented():
         assert undocumented == [], (command, undocumented)
 
 
-def test_every_command_takes_its_sections_and_names_the_close_field(tmp_path):
+def test_every_command_takes_its_sections_and_names_the_close_field(tmp_path, capsys):
     for command, override, close in [("demo", "defend.strip.n_overlay=x", None), ("defend", "defend.nc.max_check=3", "defend.nc.max_checks"),
                                       ("ulp", "ulp.patern_lr=1", "ulp.pattern_lr"), ("zoo", "zoo.val_fractio=0.1", "zoo.val_fraction"),
                                       ("demo", "zoo_ulp.zoo.n_clen=3", "zoo_ulp.zoo.n_clean")]:
-        r = bdjax(command, "--out", str(tmp_path / command), override)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code, err = bdjax_in_process(capsys, command, "--out", str(tmp_path / command), override)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
         if close is None:
-            assert "defend.strip.n_overlay='x': expected a value of type int" in r.stderr
+            assert "defend.strip.n_overlay='x': expected a value of type int" in err
         else:
-            assert f"Did you mean {close!r}?" in r.stderr
+            assert f"Did you mean {close!r}?" in err
 
 
 def test_defend_overrides_reach_the_defenses(tmp_path):

@@ -85,6 +85,26 @@ def test_knn_by_hand():
     np.testing.assert_array_equal(L.knn_predict(bank, labels, test, 2, k=3, temperature=100.0), [0, 0])
 
 
+def test_knn_monitor_counts_patched_images_sent_to_the_target():
+    import flax.linen as nn
+    from types import SimpleNamespace
+
+    class Flat(nn.Module):  # features = the pixels themselves
+        def __call__(self, x):
+            return x.reshape(len(x), -1)
+
+        def features(self, x):
+            return self(x)
+
+    bank = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], np.float32).reshape(4, 1, 2, 1)
+    labels = np.array([0, 0, 1, 1])
+    patched = np.array([[0.05, 1.0], [0.0, 0.8], [1.0, 0.0]], np.float32).reshape(3, 1, 2, 1)  # 2 of 3 near 1
+    state = SimpleNamespace(variables={})
+    rec = L.knn_monitor(Flat(), bank, labels, bank, labels, 2, k=1, x_patched=patched, target=1)(state)
+    assert rec["knn_acc"] == 1.0 and rec["knn_patched_target"] == pytest.approx(2 / 3)
+    assert "knn_patched_target" not in L.knn_monitor(Flat(), bank, labels, bank, labels, 2, k=1)(state)
+
+
 def test_linear_classifier_learns_separable_features():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 6)) * 3

@@ -128,11 +128,27 @@ def test_a_few_steps_reduce_the_loss(images, method, cfg):
         assert not np.allclose(key_leaf, q_leaf) and np.abs(key_leaf - q_leaf).max() < np.abs(q_leaf).max()
 
 
+def test_byol_groups_hold_both_views_of_their_own_images():
+    v1, v2 = jnp.arange(4)[:, None] * 1.0, 10 + jnp.arange(4)[:, None] * 1.0
+    np.testing.assert_array_equal(byol._by_group(v1, v2, 1)[:, 0], [0, 1, 2, 3, 10, 11, 12, 13])  # [v1; v2]
+    np.testing.assert_array_equal(byol._by_group(v1, v2, 2)[:, 0], [0, 1, 10, 11, 2, 3, 12, 13])
+    for g in (1, 2, 4):
+        a, b = byol._views_of(byol._by_group(v1, v2, g), g)
+        np.testing.assert_array_equal(a, v1) and np.testing.assert_array_equal(b, v2)
+    with pytest.raises(ConfigError, match="byol.bn_groups=3 must be 0"):
+        byol.ByolConfig(bn_groups=3).validate(8)
+
+
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (bdjax makes one per CPU core)")
-def test_data_parallel_step_is_the_single_device_step(images):
-    """Two devices, one BN group per device (Shuffle-BN) == one device with two BN groups."""
-    cfg = moco.MocoConfig(dim=8, hidden=16, queue_size=16, momentum=0.9, bn_groups=2, augment=AUG)
-    m, tx, state = _setup("moco", cfg, images)
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_data_parallel_step_is_the_single_device_step(images, method):
+    """Two devices, one BN group per device (MoCo's Shuffle-BN; BYOL with bn_groups=0) == one device with two
+    BN groups."""
+    if method == "moco":
+        cfg = moco.MocoConfig(dim=8, hidden=16, queue_size=16, momentum=0.9, bn_groups=2, augment=AUG)
+    else:
+        cfg = byol.ByolConfig(dim=8, hidden=16, predictor_hidden=16, bn_groups=2, augment=AUG)
+    m, tx, state = _setup(method, cfg, images)
     task, data, perm = core.RunTask(jnp.int32(0)), (jnp.asarray(images),), jnp.arange(N)
     mesh = axis_mesh("data", 2)
     single = P.make_step(m, tx, batch_size=B, steps_per_epoch=N // B)
@@ -146,7 +162,8 @@ def test_data_parallel_step_is_the_single_device_step(images):
         jax.block_until_ready(m2)
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
     chex.assert_trees_all_close(s1.params, jax.device_get(s2.params), rtol=1e-4, atol=1e-6)
-    chex.assert_trees_all_close(s1.extra["queue"], jax.device_get(s2.extra["queue"]), rtol=1e-4, atol=1e-6)
+    leaf = "queue" if method == "moco" else "target_params"
+    chex.assert_trees_all_close(s1.extra[leaf], jax.device_get(s2.extra[leaf]), rtol=1e-4, atol=1e-6)
 
 
 def test_pretraining_resumes_exactly(images, tmp_path):

@@ -209,7 +209,10 @@ ulp._compiled.cache_clear()
 single = ulp.train_ulp(model, v, y, v, y, shape, 10, cfg)
 print(json.dumps({"z": float(np.max(np.abs(sharded.patterns - single.patterns))),
                   "h": float(np.max(np.abs(sharded.classifier["kernel"] - single.classifier["kernel"]))),
-                  "same_history": sharded.history == single.history}))
+                  # accuracies are counts (exact); losses are float means whose reduction order may differ
+                  "same_accs": [{k: v for k, v in h.items() if k != "loss"} for h in sharded.history]
+                               == [{k: v for k, v in h.items() if k != "loss"} for h in single.history],
+                  "loss": max(abs(a["loss"] - b["loss"]) for a, b in zip(sharded.history, single.history))}))
 """
 
 
@@ -226,4 +229,4 @@ def test_ulp_sharded_over_4_simulated_devices_equals_one_device():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["z"] < 1e-5 and out["h"] < 1e-5 and out["same_history"], out
+    assert out["z"] < 1e-5 and out["h"] < 1e-5 and out["same_accs"] and out["loss"] < 1e-5, out

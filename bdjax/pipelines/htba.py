@@ -185,18 +185,21 @@ class PairAssets:
     craft: dict
 
 
+def pair_classes(num_classes: int, source: int | None, target: int, multi_source: bool = False):
+    """(classes the victim learns, source classes patched at test time, classes the feature net must not see)."""
+    if multi_source:
+        classes = list(range(num_classes))
+        return classes, [c for c in classes if c != target], [target]
+    return sorted((source, target)), [source], [source, target]
+
+
 def pair_assets(setting: HTBASetting, ds, source: int | None, target: int, index: int, out: Path, seed: int = 0,
                 multi_source: bool = False) -> PairAssets:
     """Pretrain (or reuse) the feature net and craft (or read back) the poisons of one pair under out/."""
     name = f"all_{target}" if multi_source else f"{source}_{target}"
     folder = out / "pairs" / name
     folder.mkdir(parents=True, exist_ok=True)
-    if multi_source:
-        classes = list(range(ds.num_classes))
-        sources = [c for c in classes if c != target]
-        exclude = [target]
-    else:
-        classes, sources, exclude = sorted((source, target)), [source], [source, target]
+    classes, sources, exclude = pair_classes(ds.num_classes, source, target, multi_source)
     trigger = trigger_for(setting, index, ds.image_shape[-1])
     if setting.holdout is not None:
         if not set(exclude) <= set(setting.holdout):

@@ -80,7 +80,9 @@ def run(cfg: SSLExperimentConfig, out: str | Path) -> dict:
     monitor = None
     if cfg.knn_every:
         bank = _subset(rng, len(x_tr), min(len(x_tr), 5000))
-        monitor = lambda model, st: L.knn_monitor(model, x_tr[bank], y_tr[bank], x_va, y_va, ds.num_classes)(st)
+        probe = rng.choice(len(x_patched), min(len(x_patched), 2000), replace=False)  # a cheap attack monitor
+        monitor = lambda model, st: L.knn_monitor(model, x_tr[bank], y_tr[bank], x_va, y_va, ds.num_classes,
+                                                  x_patched=x_patched[probe], target=cfg.poison.target)(st)
     rows = []
     for name, x in (("clean", x_tr), ("backdoored", x_poisoned)):
         model, state = pretrain(cfg.method, backbone, cfg.train, x, seed=cfg.seed, method_cfg=cfg.method_cfg(),

@@ -119,10 +119,17 @@ def knn_predict(train_f, train_y, test_f, num_classes: int, k: int = 200, temper
     return np.asarray(jnp.argmax(votes.sum(1), -1))
 
 
-def knn_monitor(model, x_bank, y_bank, x_test, y_test, num_classes: int, k: int = 200):
-    """eval_fn for the pretraining loop: {"knn_acc"} of test images against a labelled bank (monitoring only)."""
+def knn_monitor(model, x_bank, y_bank, x_test, y_test, num_classes: int, k: int = 200, *,
+                x_patched=None, target: int | None = None):
+    """eval_fn for the pretraining loop: {"knn_acc"} of test images against a labelled bank (monitoring only);
+    with x_patched (non-target images carrying the trigger) and target also {"knn_patched_target"}, the share of
+    them the kNN assigns to the target: the attack's progress during pretraining, no linear head needed."""
     def eval_fn(state):
         variables = state.variables
         fb, ft = extract_features(model, variables, x_bank), extract_features(model, variables, x_test)
-        return {"knn_acc": float(np.mean(knn_predict(fb, y_bank, ft, num_classes, k) == y_test))}
+        record = {"knn_acc": float(np.mean(knn_predict(fb, y_bank, ft, num_classes, k) == y_test))}
+        if x_patched is not None:
+            fp = extract_features(model, variables, x_patched)
+            record["knn_patched_target"] = float(np.mean(knn_predict(fb, y_bank, fp, num_classes, k) == target))
+        return record
     return eval_fn

@@ -45,9 +45,12 @@ def build(method: str, backbone: nn.Module, method_cfg, *, batch_size: int, tota
         return Method(model, moco.loss_fn(model, cfg, groups), lambda k, v: moco.init_extra(k, v, cfg),
                       moco.after_update(cfg), {})
     if method == "byol":
-        cfg = (method_cfg or byol.ByolConfig()).validate()
+        cfg = (method_cfg or byol.ByolConfig()).validate(batch_size)
+        groups = cfg.bn_groups or n_devices
+        if batch_size % groups:
+            raise ConfigError(f"byol.bn_groups={groups} must divide the batch size {batch_size}")
         model = byol.encoder(backbone, cfg)
-        return Method(model, byol.loss_fn(model, cfg), lambda k, v: byol.init_extra(v),
+        return Method(model, byol.loss_fn(model, cfg, groups), lambda k, v: byol.init_extra(v),
                       byol.after_update(cfg, total_steps), {"predict": True})
     if method == "rotnet":
         cfg = (method_cfg or rotnet.RotNetConfig()).validate()
