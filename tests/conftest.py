@@ -29,6 +29,18 @@ from bdjax.data import default_data_root  # noqa: E402
 from bdjax.errors import DataError  # noqa: E402
 
 
+def load_script(relative: str):
+    """A module from one of the repository's script folders (experiments/, scripts/ are scripts, not packages),
+    e.g. load_script("experiments/htba_cifar10.py")."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def require_data_root(name: str | None = None) -> Path:
     """The local data root (and <root>/<name> exists); skip if missing, or fail when CI=true."""
     try:

@@ -14,7 +14,6 @@ from bdjax.attacks import blind
 from bdjax.attacks.blind import BlindConfig, mgda
 from bdjax.data import Dataset
 from bdjax.errors import BdjaxError, ConfigError
-from bdjax.models import get_model
 from bdjax.train import core
 
 SHAPE = (8, 8, 1)
@@ -308,17 +307,10 @@ def test_fit_runs_the_blind_grad_fn_logs_its_weights_and_fine_tunes_from_given_w
 
 
 def test_experiment_configs_validate_and_rows_name_their_mistakes():
-    import importlib.util
-    from pathlib import Path
-
     from bdjax.pipelines import blind as pipeline
+    from conftest import load_script
 
-    def load(name):  # experiments/ is a folder of scripts, not a package
-        path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    load = lambda name: load_script(f"experiments/{name}.py")
 
     cifar, calc, evasion = (load(n) for n in ("blind_cifar10", "blind_calculator_mnist", "blind_evasion"))
 

@@ -28,15 +28,12 @@ def test_bench_htba_reports_consistent_rates():
 
 
 def test_bench_htba_model_options_keep_lists_whole_and_reject_bad_entries():
-    import importlib.util
-
     import pytest
 
     from bdjax.errors import ConfigError
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_htba", ROOT / "scripts" / "bench_htba.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_htba.py")
     assert bench.model_options("widths=[32,64,128],dropout=0.5") == {"widths": [32, 64, 128], "dropout": 0.5}
     with pytest.raises(ConfigError, match="name=value"):
         bench.model_options("widths")

@@ -3,18 +3,13 @@ and images, the poisons a victim reads back are 8-bit images within eps of the t
 and a rerun reuses the pair's rows. The multi-source variant differs from it only in its class lists
 (`pair_classes`, checked below; measured end to end in the README)."""
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require_data_root
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import load_script, require_data_root
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -22,10 +17,7 @@ def tiny(tmp_path_factory):
     from bdjax.data import load_dataset
     from bdjax.pipelines.htba import random_pairs, run_pair
 
-    spec = importlib.util.spec_from_file_location("htba_cifar10", ROOT / "experiments" / "htba_cifar10.py")
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
-    setting, _ = exp.setting_for("tiny")
+    setting, _ = load_script("experiments/htba_cifar10.py").setting_for("tiny")
     # CIFAR-10 cut to 400 training and 100 test images per class: every stage still runs on real images, and the
     # evaluation (most of this fixture's time on the full test set) reads 1000 images, not 10000
     full = load_dataset("cifar10")

@@ -1,22 +1,18 @@
 """experiments/spectral_cifar10.py's row cache on the digits: a finished row is reused only for the settings that
 made it; other settings stop the run with an error naming them (its folder holds their trainings)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from bdjax.config import ExperimentConfig, apply_overrides
 from bdjax.errors import ConfigError
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def spectral():
-    spec = importlib.util.spec_from_file_location("spectral_cifar10", ROOT / "experiments" / "spectral_cifar10.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("experiments/spectral_cifar10.py")
     mod._OPTIONS.update(rows="pattern-5-0.2", layer=None, target_only=True, scale="small")
     return mod
 

@@ -1,17 +1,12 @@
 """The SSL backdoor experiment end to end on real CIFAR-10 images at a smoke size (experiments/ssl_backdoor_cifar10.py
 --scale tiny, smaller still): the poison counts, the rows and their FP accounting, the seeds' table, the summary's
 ratio and the attack monitor during pretraining."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import require_data_root
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import load_script, require_data_root
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
@@ -19,9 +14,7 @@ def smoke(tmp_path_factory):
     from bdjax.config import apply_overrides
     from bdjax.ssl.experiment import run
 
-    spec = importlib.util.spec_from_file_location("ssl_exp", ROOT / "experiments" / "ssl_backdoor_cifar10.py")
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = load_script("experiments/ssl_backdoor_cifar10.py")
     cfg = apply_overrides(exp.get_config("moco", "tiny"), ["n_train=512", "n_val=300", "widths=[4,4,4,4]",
                                                            "moco.queue_size=128", "linear.epochs=3"])
     out = tmp_path_factory.mktemp("ssl")

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import triggers as T
 from bdjax.config import apply_overrides
 from bdjax.data import load_dataset
 from bdjax.errors import CheckpointError, ConfigError
