@@ -1,7 +1,7 @@
 """Population training throughput: P models trained together vs the same models one after another.
 
     python scripts/bench_zoo.py [--populations 1,8,32,128] [--model ulp_cnn] [--batch 64] [--steps 3] [--modes auto]
-                                [--convs xla,gemm]
+                                [--convs xla,gemm,gemm_dw]
 
 For each population size P: images/s summed over the P models of `bdjax.zoo.population.make_population_step`
 (half clean, half poisoned: the batches are gathered and stamped on device inside the step), the model axis
@@ -10,7 +10,9 @@ same code") is the P = 1 population: its rate is what training the models sequen
 (models of a device run one after another inside the compiled step: ordinary convolutions) and `vmap` (grouped
 convolutions); `auto` is the backend's default, `all` times both. `--convs gemm` also times every mode with the
 convolutions computed as patches x matrix (bdjax.models.common.gemm_conv: under vmap a batched GEMM instead of a
-grouped convolution); the sequential baseline is always the plain XLA convolution. Data: random 32x32x3 uint8 images (the cost
+grouped convolution), `--convs gemm_dw` with XLA's convolution except for the weight gradient (patches x output
+gradient, bdjax.models.common.gemm_dw_conv: for CPUs whose weight-gradient convolution is slow); the sequential
+baseline is always the plain XLA convolution. Data: random 32x32x3 uint8 images (the cost
 does not depend on the pixels). Compile and one warm-up step are excluded.
 
 models_per_hour_ulp_cifar10: models finished per hour at the ULP CIFAR-10 schedule (50 epochs over 50000 clean
@@ -120,8 +122,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default="auto", help="auto | map | vmap | all")
-    ap.add_argument("--convs", default="xla", help="xla | gemm | xla,gemm: convolution formulation "
-                                                   "(bdjax.models.common.gemm_conv: patches x matrix)")
+    ap.add_argument("--convs", default="xla", help="comma-separated of xla, gemm (bdjax.models.common.gemm_conv: "
+                                                   "patches x matrix), gemm_dw (only the weight gradient so)")
     args = ap.parse_args()
     modes = list(pop.MODES) if args.modes == "all" else [pop.check_mode(m) for m in args.modes.split(",")]
     variants = [(m, c) for m in modes for c in args.convs.split(",")]

@@ -6,6 +6,7 @@ else uses jax.eval_shape or tiny widths.
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,9 +281,12 @@ def test_reshape_max_pool_matches_flax_max_pool_and_its_gradient():
     np.testing.assert_allclose(g_ours, g_flax, rtol=1e-6)  # no ties in random normals
 
 
+@pytest.mark.parametrize("impl", ["gemm", "gemm_dw"])
 @pytest.mark.parametrize("stride, padding, kernel", [(1, 0, 3), (1, 2, 5), (2, 1, 3)])
-def test_gemm_conv_equals_xla_conv_forward_and_gradients(stride, padding, kernel):
-    from bdjax.models.common import gemm_conv
+def test_gemm_conv_equals_xla_conv_forward_and_gradients(stride, padding, kernel, impl):
+    from bdjax.models.common import gemm_conv, gemm_dw_conv
+
+    conv = {"gemm": gemm_conv, "gemm_dw": gemm_dw_conv}[impl]
 
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 9, 11, 3))
@@ -290,7 +294,7 @@ def test_gemm_conv_equals_xla_conv_forward_and_gradients(stride, padding, kernel
     args = ((stride, stride), ((padding, padding), (padding, padding)))
     dn = ("NHWC", "HWIO", "NHWC")
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
-    alt = lambda x, w: gemm_conv(x, w, *args, dimension_numbers=dn)
+    alt = lambda x, w: conv(x, w, *args, dimension_numbers=dn)
     np.testing.assert_allclose(alt(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
     g_ref = jax.grad(lambda x, w: (ref(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
     g_alt = jax.grad(lambda x, w: (alt(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
@@ -298,11 +302,15 @@ def test_gemm_conv_equals_xla_conv_forward_and_gradients(stride, padding, kernel
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_gemm_models_match_xla_models_under_vmap_over_a_population():
-    xla, gemm = get_model("mnist_cnn", 10, width=4, hidden=8), get_model("mnist_cnn", 10, width=4, hidden=8, conv_impl="gemm")
+@pytest.mark.parametrize("impl", ["gemm", "gemm_dw"])
+def test_gemm_models_match_xla_models_under_vmap_over_a_population(impl):
+    xla, alt = get_model("mnist_cnn", 10, width=4, hidden=8), get_model("mnist_cnn", 10, width=4, hidden=8, conv_impl=impl)
     stacked = jax.vmap(lambda k: init_model(xla, k, (8, 8, 1)))(jax.random.split(jax.random.key(0), 3))
     x = jax.random.uniform(jax.random.key(1), (5, 8, 8, 1))
     run = lambda m: jax.vmap(lambda v: m.apply(v, x))(stacked)
-    np.testing.assert_allclose(run(gemm), run(xla), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(alt), run(xla), rtol=1e-5, atol=1e-5)
+    # and the parameter gradients of a population (the custom VJP under vmap)
+    grads = lambda m: jax.vmap(jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2)))(stacked)
+    chex.assert_trees_all_close(grads(alt), grads(xla), rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="conv impl"):
         init_model(get_model("mnist_cnn", 10, conv_impl="fft"), 0, (8, 8, 1))

@@ -21,7 +21,7 @@ class CifarCNN(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (32, 64, 128)
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # xla | gemm (see common.gemm_conv)
+    conv_impl: str = "xla"  # xla | gemm | gemm_dw (see common.gemm_conv, common.gemm_dw_conv)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):

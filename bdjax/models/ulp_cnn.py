@@ -27,7 +27,7 @@ class UlpCNN(nn.Module):
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # xla | gemm (see common.gemm_conv)
+    conv_impl: str = "xla"  # xla | gemm | gemm_dw (see common.gemm_conv, common.gemm_dw_conv)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
