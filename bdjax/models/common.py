@@ -66,9 +66,9 @@ def gemm_dw_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
                  feature_group_count=1, precision=None, preferred_element_type=None):
     """XLA's convolution forward and input gradient, the weight gradient as patches x output gradient (`gemm_conv`'s).
 
-    Why: on some CPUs XLA:CPU's weight-gradient convolution falls far below its forward (session 13's AMD EPYC:
-    32x32, 64->64, batch 64: forward 98 ms, input gradient 396 ms, weight gradient 3253 ms), while the same
-    weight gradient as one GEMM over the patches runs near matrix-product speed. Same values and gradients as
+    Why: on some CPUs XLA:CPU's weight-gradient convolution falls far below its forward (session 13's AMD EPYC,
+    `python scripts/bench_conv.py --parts`, 32x32, 64->64, batch 64: forward 181 ms, input gradient 221 ms, weight
+    gradient 3467 ms, the same weight gradient as patches x output gradient 770 ms). Same values and gradients as
     the convolution up to float summation order (tests/test_models.py)."""
     options = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -77,21 +77,21 @@ def gemm_dw_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
     conv = functools.partial(jax.lax.conv_general_dilated, **options)
     by_gemm = functools.partial(gemm_conv, **options)
 
+    def backward(x, w, g):
+        return jax.vjp(lambda x: conv(x, w), x)[1](g)[0], jax.vjp(lambda w: by_gemm(x, w), w)[1](g)[0]
+
+    return with_backward(conv, backward)(lhs, rhs)
+
+
+def with_backward(forward, backward):
+    """forward(x, w) whose gradient is backward(x, w, g) -> (dx, dw) instead of the one JAX derives: how a
+    convolution gets another formulation of its gradients (gemm_dw_conv; htba.loop_convs)."""
     @jax.custom_vjp
     def f(x, w):
-        return conv(x, w)
+        return forward(x, w)
 
-    def fwd(x, w):
-        return conv(x, w), (x, w)
-
-    def bwd(res, g):
-        x, w = res
-        dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-        dw = jax.vjp(lambda w: by_gemm(x, w), w)[1](g)[0]
-        return dx, dw
-
-    f.defvjp(fwd, bwd)
-    return f(lhs, rhs)
+    f.defvjp(lambda x, w: (forward(x, w), (x, w)), lambda res, g: tuple(backward(*res, g)))
+    return f
 
 
 CONV_IMPLS = ("xla", "gemm", "gemm_dw")

@@ -17,6 +17,8 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
+from bdjax.models.common import with_backward
+
 
 def loop_friendly_convs(fun: Callable) -> Callable:
     """`fun` with every convolution's kernel read in the canonical layout by its gradient too (any pytree in/out)."""
@@ -72,15 +74,4 @@ def _conv(lhs, rhs, **params):
         return lax.conv_general_dilated_p.bind(lhs, jax.numpy.swapaxes(rhs, o, i),
                                                **{**params, "dimension_numbers": swapped_dn})
 
-    @jax.custom_vjp
-    def conv(lhs, rhs):
-        return bind(lhs, rhs)
-
-    def fwd(lhs, rhs):
-        return bind(lhs, rhs), (lhs, rhs)
-
-    def bwd(res, g):
-        return jax.vjp(swapped, *res)[1](g)
-
-    conv.defvjp(fwd, bwd)
-    return conv(lhs, rhs)
+    return with_backward(bind, lambda lhs, rhs, g: jax.vjp(swapped, lhs, rhs)[1](g))(lhs, rhs)
