@@ -8,7 +8,8 @@ resnet18: the full CIFAR ResNet-18) on 32x32 images: images/s of the compiled pr
 every local device, as `pretrain` runs it) and augment_share = time of the two-view augmentation alone (compiled
 the same way) / time of the whole step. The goal is augment_share < 0.15. With torch importable, MoCo v2's step
 in plain PyTorch (scripts/torch_baselines.py, same backbone and head, on pre-augmented views: torch's side does
-NOT augment) in the same run: ratio_vs_torch = bdjax images/s / PyTorch images/s. The last line is one JSON object.
+NOT augment) in the same run, on the same device (CPU cores, or CUDA when JAX runs on a GPU): ratio_vs_torch =
+bdjax images/s / PyTorch images/s. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -106,13 +107,15 @@ def main():
                                   for g in groups[1:] for bb in a.backbones.split(",")}
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from torch_baselines import moco_images_per_s, torch_available
-    if torch_available() and "moco" in a.methods.split(",") and jax.devices()[0].platform == "cpu":
+    from torch_baselines import moco_images_per_s, torch_device_for
+    torch_device = torch_device_for(jax.devices()[0].platform)
+    if torch_device is not None and "moco" in a.methods.split(","):
         torch_rate = {}
+        out["torch_device"] = torch_device
         for bb in a.backbones.split(","):
             kw = BACKBONES[bb]
             torch_rate[f"moco/{bb}"] = moco_images_per_s(batch=a.batch, steps=a.steps, queue_size=16 * a.batch,
-                                                         **{k: v for k, v in kw.items()})
+                                                         device=torch_device, **kw)
             print("torch moco", bb, round(torch_rate[f"moco/{bb}"], 3), flush=True)
         out["torch_images_per_s"] = torch_rate
         out["ratio_vs_torch"] = {k: out["images_per_s"][k] / v for k, v in torch_rate.items()}

@@ -18,6 +18,17 @@ def torch_available() -> bool:
     return True
 
 
+def torch_device_for(jax_platform: str) -> str | None:
+    """The torch device on which a baseline is like-for-like with JAX's default platform ("cpu" or "cuda"), or
+    None when torch is missing or cannot use that device (e.g. a CPU-only torch beside JAX on a GPU)."""
+    if not torch_available():
+        return None
+    if jax_platform == "cpu":
+        return "cpu"
+    import torch
+    return "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else None
+
+
 def ulp_cnn(num_classes: int = 10, width: int = 64, fc_width: int = 384, dropout: float = 0.2):
     """The ULP CIFAR-10 CNN in PyTorch (the same layers as bdjax.models.ulp_cnn.UlpCNN)."""
     import torch.nn as nn
@@ -90,9 +101,11 @@ def cifar_resnet(widths=(64, 128, 256, 512), stage_sizes=(2, 2, 2, 2)):
 
 
 def moco_images_per_s(widths=(64, 128, 256, 512), stage_sizes=(2, 2, 2, 2), batch: int = 128, steps: int = 3,
-                      queue_size: int = 2048, dim: int = 128, hidden: int = 2048, threads: int | None = None) -> float:
+                      queue_size: int = 2048, dim: int = 128, hidden: int = 2048, threads: int | None = None,
+                      device: str = "cpu") -> float:
     """A MoCo v2 step in plain PyTorch (query forward/backward, momentum key encoder, queue, InfoNCE; SGD), on two
-    already-augmented random views: the augmentation is NOT included (bdjax's step includes it)."""
+    already-augmented random views: the augmentation is NOT included (bdjax's step includes it). device: "cpu"
+    (all cores) or "cuda" (the step's loss.item() synchronises, as a training loop that logs the loss does)."""
     import copy
 
     import torch
@@ -102,13 +115,13 @@ def moco_images_per_s(widths=(64, 128, 256, 512), stage_sizes=(2, 2, 2, 2), batc
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     backbone, feat = cifar_resnet(widths, stage_sizes)
-    q_enc = nn.Sequential(backbone, nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+    q_enc = nn.Sequential(backbone, nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)).to(device)
     k_enc = copy.deepcopy(q_enc)
     for p in k_enc.parameters():
         p.requires_grad_(False)
     opt = torch.optim.SGD(q_enc.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    queue = F.normalize(torch.randn(queue_size, dim), dim=1)
-    x1, x2 = torch.rand(batch, 3, 32, 32), torch.rand(batch, 3, 32, 32)
+    queue = F.normalize(torch.randn(queue_size, dim, device=device), dim=1)
+    x1, x2 = torch.rand(batch, 3, 32, 32, device=device), torch.rand(batch, 3, 32, 32, device=device)
     ptr = [0]
 
     def step():
@@ -119,7 +132,7 @@ def moco_images_per_s(widths=(64, 128, 256, 512), stage_sizes=(2, 2, 2, 2), batc
             k = F.normalize(k_enc(x2), dim=1)
         q = F.normalize(q_enc(x1), dim=1)
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.2
-        loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long))
+        loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -37,3 +37,13 @@ def test_bench_zoo_counts_the_step_and_derives_its_fields():
     assert out["fraction_of_gemm_bound"]["1"] == round(out["images_per_s"]["1"] / bound, 3)
     # PyTorch runs only for the ULP CNN (and only when installed): never a ratio against another network
     assert out["torch_sequential_images_per_s"] is None and out["ratio_vs_torch"] is None
+
+
+def test_torch_baseline_device_follows_jax_platform(monkeypatch):
+    """A PyTorch baseline is timed only where it is like-for-like: on the CPU beside XLA:CPU, never without torch."""
+    from conftest import load_script
+    tb = load_script("scripts/torch_baselines.py")
+    monkeypatch.setattr(tb, "torch_available", lambda: False)
+    assert [tb.torch_device_for(p) for p in ("cpu", "gpu", "tpu")] == [None, None, None]
+    monkeypatch.setattr(tb, "torch_available", lambda: True)
+    assert tb.torch_device_for("cpu") == "cpu"

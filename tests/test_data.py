@@ -192,6 +192,36 @@ def test_npz_reader(tmp_path):
     assert ds.image_shape == (4, 4, 1) and ds.class_names == ("a", "b", "c") and ds.y_train.dtype == np.int32
 
 
+def test_pack_dataset_writes_the_seeded_subset_that_loads_back(tmp_path, capsys):
+    from conftest import load_script
+    from bdjax.ssl import experiment as ssl_experiment
+
+    out = tmp_path / "digits_small.npz"
+    assert load_script("scripts/pack_dataset.py").main(["digits", "--out", str(out), "--n-train", "300",
+                                                       "--seed", "3"]) == 0
+    want = load_dataset("digits").subset(300, None, 3)
+    got = load_dataset(str(out))
+    for split in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(got, split), getattr(want, split))
+    assert got.class_names == want.class_names and "300 training" in capsys.readouterr().out
+    # the SSL experiment's subset rule picks the same training images for the same seed (the docstring's promise)
+    full = load_dataset("digits")
+    idx = ssl_experiment._subset(np.random.default_rng(3), len(full.y_train), 300)
+    np.testing.assert_array_equal(full.x_train[idx], want.x_train)
+
+
+def test_pack_dataset_bad_input_is_one_line(tmp_path, capsys):
+    from conftest import load_script
+    pack = load_script("scripts/pack_dataset.py")
+    assert pack.main(["no_such_dataset_here", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pack_dataset: error:") and "\n" not in err
+    assert pack.main(["digits", "--out", str(tmp_path / "x.npz"), "--n-train", "0"]) == 2
+    assert "n_train=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pack.main(["digits", "--out", str(tmp_path / "x.bin")])
+
+
 # --------------------------------------------------------------------------- cache
 
 

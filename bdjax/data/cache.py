@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bdjax.data.dataset import Dataset, validate_dataset
+from bdjax.data.npz import write_npz
 
 _FORMAT = "bdjax-cache-v2"  # bump when a reader's output changes, so old caches stop matching (v2: 16-bit PNGs scaled)
 _KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
@@ -58,8 +59,7 @@ def _write(path: Path, ds: Dataset) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
-                     class_names=np.asarray(ds.class_names, dtype=str))
+            write_npz(f, ds)
         os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Reader for datasets stored as one .npz file with x_train, y_train, x_test, y_test [, class_names]."""
+"""Datasets stored as one .npz file with x_train, y_train, x_test, y_test [, class_names]: reader and writer."""
 
 from __future__ import annotations
 
@@ -72,3 +72,10 @@ def read_npz(path: Path, name: str) -> Dataset:
         raise DataError(f"{path} y_train: no image has label(s) {missing.tolist()}; expected every label "
                         f"0..{len(class_names) - 1} to occur (relabel the classes to consecutive integers)")
     return Dataset(name, out["x_train"], out["y_train"], out["x_test"], out["y_test"], class_names)
+
+
+def write_npz(file, ds: Dataset, *, compress: bool = False) -> None:
+    """Write ds in the layout read_npz reads (file: a path or a binary file object); no pickled objects."""
+    save = np.savez_compressed if compress else np.savez
+    save(file, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+         class_names=np.asarray(ds.class_names, dtype=str))
