@@ -193,6 +193,26 @@ def matches_saved(saved: dict, cfg) -> bool:
         return False
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"section.field": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def changed_fields(saved: dict, cfg) -> list[str]:
+    """The dotted names of the fields whose value in a saved config (JSON) differs from `cfg`'s; fields added to
+    bdjax since it was saved count as their defaults, as in matches_saved."""
+    if dataclasses.is_dataclass(cfg):
+        try:
+            saved = saved_form(from_dict(type(cfg), saved))
+        except (ConfigError, TypeError):
+            pass  # a field since removed or renamed: compare what is there
+    old, new = flatten(saved), flatten(saved_form(cfg))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def _upgrade(cls, d: dict) -> dict:
     """A saved dict with the fields a class has since moved (its RENAMED = {"old": "new.dotted.path"}) in their
     new places, so a run saved before the move still reads back."""

@@ -52,7 +52,7 @@ import numpy as np
 
 from bdjax import runtime
 from bdjax.cli import experiment_main
-from bdjax.config import ExperimentConfig, apply_overrides, matches_saved, saved_form
+from bdjax.config import ExperimentConfig, apply_overrides, flatten, matches_saved, saved_form
 from bdjax.errors import ConfigError
 
 TRIGGERS = ("pixel", "pattern")
@@ -111,20 +111,13 @@ def row_name(trigger: str, target: int, rate: float) -> str:
     return f"{trigger}_{target}_{rate:g}"
 
 
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def _producer_differs(saved: dict, row_cfg: ExperimentConfig, spectral: dict) -> list[str]:
     """The settings that differ between a row folder's producer and this run's (empty: the same)."""
     if isinstance(saved.get("config"), dict) and matches_saved(saved["config"], row_cfg) \
             and saved.get("spectral") == spectral:
         return []
-    old = _flat({"config": saved.get("config") or {}, "spectral": saved.get("spectral") or {}})
-    new = _flat({"config": saved_form(row_cfg), "spectral": spectral})
+    old = flatten({"config": saved.get("config") or {}, "spectral": saved.get("spectral") or {}})
+    new = flatten({"config": saved_form(row_cfg), "spectral": spectral})
     return sorted(k.split(".", 1)[1] for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["(format)"]
 
 

@@ -7,7 +7,7 @@ and on patched validation images.
     python experiments/ssl_backdoor_cifar10.py --method byol --scale full --out runs/ssl_cifar10_full   # a GPU
     python experiments/ssl_backdoor_cifar10.py --method moco --scale tiny --out /tmp/ssl_smoke          # 1-2 min
 
-Options: --method moco|byol|rotnet, --scale tiny|small|full, --out DIR, then `section.field=value` overrides
+Options: --method moco|byol|rotnet|jigsaw, --scale tiny|small|full, --out DIR, then `section.field=value` overrides
 (e.g. train.epochs=20 moco.queue_size=4096 poison.target=3). Rerunning resumes each pretraining from its
 checkpoint. OUT/<method>/summary.json has `rows` (method, model, fraction, clean_acc, clean_fp, patched_acc,
 patched_fp) and patched_fp_ratio (backdoored / clean FP on patched images); OUT/<method>/table.md the table.
@@ -34,7 +34,7 @@ def get_config(method: str, scale: str) -> SSLExperimentConfig:
     if method == "byol":
         cfg = apply_overrides(cfg, ["train.optimizer=adam", "train.lr=0.002", "train.weight_decay=1e-6",
                                     "train.batch_size=512"])
-    if method == "rotnet":
+    if method in ("rotnet", "jigsaw"):
         cfg = apply_overrides(cfg, ["train.lr=0.1", "train.weight_decay=5e-4", "train.batch_size=128"])
     if scale == "full":
         return cfg
@@ -44,7 +44,8 @@ def get_config(method: str, scale: str) -> SSLExperimentConfig:
     # MoCo: 45 epochs measured at 42.7 min for both pretrainings on 2 (partly shared) CPU cores, patched FP ratio 1.36
     # (15 epochs: 11.4 min, ratio ~1.0). BYOL: 35 epochs measured at 51 min (0.8-1.2 steps/s as the machine's load
     # moved; 38 min at the fastest), ratio 1.62 / 1.08. RotNet: 8 epochs measured at 22.7 min, ratio 1.30 / 1.10
-    small += {"moco": ["train.epochs=45"], "byol": ["train.epochs=35"], "rotnet": ["train.epochs=8"]}[method]
+    small += {"moco": ["train.epochs=45"], "byol": ["train.epochs=35"], "rotnet": ["train.epochs=8"],
+              "jigsaw": ["train.epochs=30"]}[method]
     if scale == "small":
         return apply_overrides(cfg, small)
     if scale == "tiny":  # a smoke run: the whole pipeline in a minute or two
@@ -57,7 +58,7 @@ def get_config(method: str, scale: str) -> SSLExperimentConfig:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=("moco", "byol", "rotnet"), default="moco")
+    p.add_argument("--method", choices=("moco", "byol", "rotnet", "jigsaw"), default="moco")
     p.add_argument("--scale", default="small")
     p.add_argument("--out", default="runs/ssl_cifar10")
     p.add_argument("overrides", nargs="*")

@@ -1,4 +1,6 @@
 """SSL poisoning (target category only, random placement) and linear evaluation (subsets, features, FP, kNN)."""
+import json
+
 import numpy as np
 import pytest
 import jax
@@ -124,5 +126,57 @@ def test_experiment_rows_table_and_fp_ratio():
     assert E.fp_ratio(rows, 0.01) == 16.0
     lines = E.table(rows).splitlines()
     assert lines[2] == "| moco | 0.01 | 50.0 | 20 | 45.0 | 25 | 49.0 | 22 | 30.0 | 400 |"
-    with pytest.raises(ConfigError, match="method must be one of moco, byol, rotnet"):
-        E.SSLExperimentConfig(method="jigsaw").validate()
+    with pytest.raises(ConfigError, match="method must be one of moco, byol, rotnet, jigsaw, got 'simclr'"):
+        E.SSLExperimentConfig(method="simclr").validate()
+    with pytest.raises(ConfigError, match="label_draws must be >= 1"):
+        E.SSLExperimentConfig(label_draws=0).validate()
+    for r, fp in zip(rows, (20.4, 399.75)):  # means over label draws print with one decimal
+        r["patched_fp"] = fp
+    assert E.table(rows).splitlines()[2] == "| moco | 0.01 | 50.0 | 20 | 45.0 | 20.4 | 49.0 | 22 | 30.0 | 399.8 |"
+
+
+def test_evaluate_linear_averages_its_label_draws():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 2
+    y_tr, y_va = np.repeat(np.arange(3), 100), np.repeat(np.arange(3), 30)
+    f_tr, f_va = centres[y_tr] + rng.normal(size=(300, 6)), centres[y_va] + rng.normal(size=(90, 6))
+    keep = y_va != 0
+    f_pa, y_pa = f_va[keep] + 0.6 * (centres[0] - centres[y_va[keep]]), y_va[keep]  # pulled towards the target
+    cfg = L.LinearEvalConfig(epochs=5, batch_size=8, lr=0.05)
+    kw = dict(fraction=0.05, target=0, num_classes=3, cfg=cfg)
+    singles = [L.evaluate_linear(f_tr, y_tr, f_va, y_va, f_pa, y_pa, seed=s, **kw) for s in (4, 5, 6)]
+    assert all(isinstance(r["patched_fp"], int) and "label_draws" not in r for r in singles)
+    assert not np.array_equal(L.labelled_subset(4, y_tr, 0.05, 3), L.labelled_subset(5, y_tr, 0.05, 3))
+    many = L.evaluate_linear(f_tr, y_tr, f_va, y_va, f_pa, y_pa, seed=4, draws=3, **kw)
+    assert many["label_draws"] == 3
+    for k in ("clean_acc", "clean_fp", "patched_acc", "patched_fp"):
+        values = [r[k] for r in singles]
+        assert many[k] == pytest.approx(np.mean(values)) and many[f"{k}_std"] == pytest.approx(np.std(values))
+    assert many["patched_fp"] > many["clean_fp"]  # the pull towards the target shows in the mean
+
+
+def test_a_rerun_refuses_checkpoints_of_other_pretraining_settings(tmp_path):
+    from bdjax.config import apply_overrides
+    from bdjax.results import RunDir
+    from bdjax.ssl import experiment as E
+
+    out = RunDir(tmp_path / "moco")
+    cfg = E.SSLExperimentConfig(n_train=1000)
+    E.check_resumable(out, cfg)  # a new folder
+    out.write_config(E.dataclasses.asdict(cfg))
+    E.check_resumable(out, apply_overrides(cfg, ["train.epochs=5"]))  # no checkpoint yet: nothing to continue
+    (out.path / "backdoored" / "checkpoints" / "40").mkdir(parents=True)
+    E.check_resumable(out, cfg)
+    # evaluation-only settings reuse the pretrainings
+    E.check_resumable(out, apply_overrides(cfg, ["linear.epochs=7", "label_draws=5", "fractions=[0.1]", "knn_every=2"]))
+    for changed, named in ((["train.epochs=5"], "train.epochs"),
+                           (["poison.trigger_size=12", "seed=3"], "poison.trigger_size, seed"),
+                           (["moco.augment.blur_p=0"], "moco.augment.blur_p")):
+        with pytest.raises(ConfigError, match=f"backdoored pretraining checkpoints made with other settings "
+                                              f"\\({named}\\)"):
+            E.check_resumable(out, apply_overrides(cfg, changed))
+    # a config saved before a field existed (here label_draws, jigsaw) still resumes when nothing else changed
+    saved = json.loads((out.path / "config.json").read_text())
+    del saved["label_draws"], saved["jigsaw"]
+    (out.path / "config.json").write_text(json.dumps(saved))
+    E.check_resumable(out, cfg)

@@ -1,5 +1,8 @@
-"""MoCo v2, BYOL and RotNet on the training core: losses by hand, the queue, the EMAs, learning on tiny data,
+"""MoCo v2, BYOL, RotNet and Jigsaw on the training core: losses by hand, the queue, the EMAs, learning on tiny data,
 data-parallel == single device, exact resume."""
+import dataclasses
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import pytest
 from ssl_tiny import TinyNet
 
 from bdjax.errors import ConfigError
-from bdjax.ssl import byol, moco, rotnet
+from bdjax.ssl import byol, jigsaw, moco, rotnet
 from bdjax.ssl import pretraining as P
 from bdjax.ssl.augment import AugmentConfig
 from bdjax.ssl.encoder import apply_grouped
@@ -189,3 +192,89 @@ def test_pretraining_resumes_exactly(images, tmp_path):
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown ssl method 'simclr'"):
         P.build("simclr", TinyNet(), None, batch_size=8, total_steps=1)
+
+
+# ------------------------------------------------------------------------------------------------ Jigsaw
+
+
+def test_permutation_set_is_far_apart_distinct_and_seeded():
+    orders = jigsaw.permutation_set(100, grid=3, seed=0)
+    assert orders.shape == (100, 9) and orders.dtype == np.int32
+    assert all(sorted(o) == list(range(9)) for o in orders.tolist())
+    dist = (orders[:, None] != orders[None]).sum(-1)
+    np.fill_diagonal(dist, 9)
+    assert dist.min() >= 6  # random orders: pairs of 100 at distance <= 5 are the rule, not the exception
+    np.testing.assert_array_equal(orders, jigsaw.permutation_set(100, grid=3, seed=0))
+    assert not np.array_equal(orders, jigsaw.permutation_set(100, grid=3, seed=1))
+    all_four = jigsaw.permutation_set(24, grid=2)  # every order of a 2x2 grid
+    assert sorted(map(tuple, all_four.tolist())) == sorted(itertools.permutations(range(4)))
+
+
+def test_shuffled_tiles_put_cell_order_j_at_position_j_standardised():
+    cfg = jigsaw.JigsawConfig(grid=3, tile=2, gray_p=0.0)  # tile = cell: no jitter room
+    x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 3))
+    orders = jnp.array([[8, 7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    tiles = np.asarray(jigsaw.shuffled_tiles(jax.random.key(1), x, orders, cfg))
+    assert tiles.shape == (2, 9, 2, 2, 3)
+    xn = np.asarray(x)
+    for b in range(2):
+        for j, cell in enumerate(np.asarray(orders[b])):
+            r, c = divmod(int(cell), 3)
+            want = xn[b, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+            np.testing.assert_allclose(tiles[b, j], (want - want.mean()) / (want.std() + 1e-5), rtol=1e-4, atol=1e-4)
+    gray = np.asarray(jigsaw.shuffled_tiles(jax.random.key(1), x, orders, dataclasses.replace(cfg, gray_p=1.0)))
+    np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-5)  # grayscale: equal channels
+    assert not np.allclose(tiles[..., 0], tiles[..., 2], atol=1e-2)
+
+
+def test_tile_jitter_stays_inside_its_cell_and_uses_the_whole_room():
+    cfg = jigsaw.JigsawConfig(grid=3, tile=8, gray_p=0.0)  # 32 px: cells of 10, a 0-2 px jitter
+    x = jax.random.uniform(jax.random.key(0), (16, 32, 32, 1))
+    identity = jnp.tile(jnp.arange(9), (16, 1))
+    tiles = np.asarray(jigsaw.shuffled_tiles(jax.random.key(1), x, identity, cfg))
+    xn, seen = np.asarray(x), set()
+    std = lambda a: (a - a.mean()) / (a.std() + 1e-5)
+    for b in range(16):
+        for cell in range(9):
+            r, c = divmod(cell, 3)
+            crop = lambda dy, dx: xn[b, 10 * r + dy:10 * r + dy + 8, 10 * c + dx:10 * c + dx + 8]
+            match = [(dy, dx) for dy in range(3) for dx in range(3)
+                     if np.allclose(tiles[b, cell], std(crop(dy, dx)), atol=1e-4)]
+            assert len(match) == 1, (b, cell, match)  # a crop inside its own cell, nowhere else
+            seen.add(match[0])
+    assert seen == {(dy, dx) for dy in range(3) for dx in range(3)}  # the whole room is drawn
+
+
+def _position_images(n=64, side=12, seed=0):
+    """Images whose 3x3 cells each carry their own colour mix plus noise: a cell's content tells its position,
+    which survives per-tile standardisation (the channels' relative levels)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.random((3, 3, 3))
+    cells = np.repeat(np.repeat(mix, side // 3, 0), side // 3, 1)
+    return (255 * np.clip(0.8 * cells[None] + 0.2 * rng.random((n, side, side, 3)), 0, 1)).astype(np.uint8)
+
+
+def test_jigsaw_learns_the_permutation_of_positional_tiles():
+    images = _position_images()
+    cfg = jigsaw.JigsawConfig(grid=3, tile=4, n_permutations=8, hidden=32, gray_p=0.0, augment="none")
+    m, tx, state = _setup("jigsaw", cfg, images, lr=0.05)
+    step = P.make_step(m, tx, batch_size=B, steps_per_epoch=N // B)
+    task, data, perm = core.RunTask(jnp.int32(0)), (jnp.asarray(images),), jnp.arange(N)
+    losses = []
+    for _ in range(48):
+        state, metrics = step(state, task, perm, data)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[:4]) > 0.9 * np.log(8)  # chance at the start
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:4]), losses
+    feats = m.model.apply(state.variables, jnp.asarray(images[:2], jnp.float32) / 255, method="features")
+    assert feats.shape == (2, TinyNet().width)  # linear evaluation reads the backbone on whole images
+
+
+def test_jigsaw_config_errors():
+    with pytest.raises(ConfigError, match="jigsaw.tile=8 does not fit a cell of a 12-pixel image"):
+        P.init_state(P.build("jigsaw", TinyNet(), jigsaw.JigsawConfig(tile=8), batch_size=8, total_steps=1),
+                     optax.sgd(0.1), jax.random.key(0), (12, 12, 3))
+    for bad, match in ((dict(grid=1), "grid must be >= 2"), (dict(grid=2, n_permutations=25), r"\[2, 24\]"),
+                       (dict(gray_p=1.5), "gray_p"), (dict(augment="rotate"), "jigsaw.augment")):
+        with pytest.raises(ConfigError, match=match):
+            jigsaw.JigsawConfig(**bad).validate()

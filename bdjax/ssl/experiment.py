@@ -11,15 +11,17 @@ import jax
 import numpy as np
 
 from bdjax import runtime
-from bdjax.config import TrainConfig
+from bdjax.config import TrainConfig, changed_fields
 from bdjax.data import load_dataset
 from bdjax.errors import ConfigError
 from bdjax.models import get_model
 from bdjax.results import RunDir, write_json
-from bdjax.ssl import byol, linear_eval as L, moco, poison, rotnet
+from bdjax.ssl import byol, jigsaw, linear_eval as L, moco, poison, rotnet
 from bdjax.ssl.pretraining import METHODS, pretrain
 
 MODELS = ("clean", "backdoored")
+# Settings that only evaluate finished pretrainings: a rerun with other values reuses the checkpoints
+EVALUATION_ONLY = ("linear", "fractions", "label_draws", "knn_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +39,20 @@ class SSLExperimentConfig:
     moco: moco.MocoConfig = moco.MocoConfig()
     byol: byol.ByolConfig = byol.ByolConfig()
     rotnet: rotnet.RotNetConfig = rotnet.RotNetConfig()
+    jigsaw: jigsaw.JigsawConfig = jigsaw.JigsawConfig()
     poison: poison.PoisonConfig = poison.PoisonConfig()
     linear: L.LinearEvalConfig = L.LinearEvalConfig()
     fractions: tuple[float, ...] = (0.01, 0.1)
     knn_every: int = 0  # epochs between kNN monitor records (0 = off)
+    label_draws: int = 1  # labelled subsets per fraction, each with its own linear head: rows hold their mean
 
     def validate(self, num_classes: int = 10) -> "SSLExperimentConfig":
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"fractions must be labelled fractions in (0, 1], got {self.fractions}")
+        if self.label_draws < 1:
+            raise ConfigError(f"label_draws must be >= 1 (labelled subsets per fraction), got {self.label_draws}")
         self.poison.validate(num_classes)
         self.linear.validate()
         return self
@@ -59,11 +65,26 @@ def _subset(rng, n_all: int, n: int | None) -> np.ndarray:
     return np.sort(rng.choice(n_all, n, replace=False)) if n is not None and n < n_all else np.arange(n_all)
 
 
+def check_resumable(out: RunDir, cfg: SSLExperimentConfig) -> None:
+    """Refuse an output folder whose checkpoints other pretraining settings made: resuming would continue them
+    under the new settings (or reuse finished ones) while config.json says otherwise. Evaluation-only settings
+    (EVALUATION_ONLY) may change: the pretrainings are reused and only the evaluation runs again."""
+    previous = out.read_config()
+    made = [m for m in MODELS if any((out.path / m / "checkpoints").glob("*"))]
+    if previous is None or not made:
+        return
+    changed = [f for f in changed_fields(previous, cfg) if f.split(".")[0] not in EVALUATION_ONLY]
+    if changed:
+        raise ConfigError(f"{out.path} holds {' and '.join(made)} pretraining checkpoints made with other settings "
+                          f"({', '.join(changed[:6])}); use another --out, or delete that folder to pretrain again")
+
+
 def run(cfg: SSLExperimentConfig, out: str | Path) -> dict:
     t0 = time.time()
     ds = load_dataset(cfg.dataset)
     cfg.validate(ds.num_classes)
     out = RunDir(Path(out) / cfg.method)
+    check_resumable(out, cfg)
     out.write_config(dataclasses.asdict(cfg))
     rng = np.random.default_rng(cfg.seed)
     tr, va = _subset(rng, len(ds.x_train), cfg.n_train), _subset(rng, len(ds.x_test), cfg.n_val)
@@ -91,11 +112,8 @@ def run(cfg: SSLExperimentConfig, out: str | Path) -> dict:
         variables = state.variables
         f_tr, f_va, f_pa = (L.extract_features(model, variables, a) for a in (x_tr, x_va, x_patched))
         for frac in cfg.fractions:
-            lab = L.labelled_subset(cfg.seed, y_tr, frac, ds.num_classes)
-            ft, fv, fp = L.normalise_features(f_tr[lab], f_va, f_pa)
-            head, hv = L.train_linear(ft, y_tr[lab], ds.num_classes, cfg.linear, seed=cfg.seed)
-            m = L.backdoor_metrics(y_va, L.predict_linear(head, hv, fv), y_patched, L.predict_linear(head, hv, fp),
-                                   cfg.poison.target, ds.num_classes)
+            m = L.evaluate_linear(f_tr, y_tr, f_va, y_va, f_pa, y_patched, fraction=frac, target=cfg.poison.target,
+                                  num_classes=ds.num_classes, cfg=cfg.linear, seed=cfg.seed, draws=cfg.label_draws)
             rows.append({"method": cfg.method, "model": name, "fraction": frac, **m})
     summary = summarise(cfg, rows, n_poisoned=len(poisoned), n_patched=len(y_patched), wall_s=time.time() - t0)
     (out.path / "table.md").write_text(table(rows))
@@ -124,7 +142,8 @@ def table(rows) -> str:
     lines = []
     for frac in sorted({r["fraction"] for r in rows}):
         by = {r["model"]: r for r in rows if r["fraction"] == frac}
-        cells = [f"{by[m]['clean_acc'] * 100:.1f} | {by[m]['clean_fp']} | {by[m]['patched_acc'] * 100:.1f} | "
-                 f"{by[m]['patched_fp']}" for m in MODELS]
+        fp = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # a mean over label draws, or a count
+        cells = [f"{by[m]['clean_acc'] * 100:.1f} | {fp(by[m]['clean_fp'])} | {by[m]['patched_acc'] * 100:.1f} | "
+                 f"{fp(by[m]['patched_fp'])}" for m in MODELS]
         lines.append(f"| {rows[0]['method']} | {frac:g} | {cells[0]} | {cells[1]} |")
     return head + "\n".join(lines) + "\n"

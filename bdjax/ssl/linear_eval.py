@@ -109,6 +109,28 @@ def backdoor_metrics(y_clean, pred_clean, y_patched, pred_patched, target: int, 
             "patched_acc": float(np.trace(p) / p.sum()), "patched_fp": false_positives(p, target)}
 
 
+def evaluate_linear(f_train, y_train, f_val, y_val, f_patched, y_patched, *, fraction: float, target: int,
+                    num_classes: int, cfg: LinearEvalConfig, seed: int = 0, draws: int = 1) -> dict:
+    """backdoor_metrics of a linear head on `fraction` of the labels, over `draws` labelled subsets (seeds seed,
+    seed + 1, ...; each head trained with its draw's seed). One draw: its metrics as they are. Several: each
+    metric's mean, its standard deviation as `<metric>_std`, and `label_draws`. With 1% of CIFAR-10's labels a
+    single draw's target false positives can move 2x between seeds, so the ratio of two models needs several."""
+    runs = []
+    for d in range(draws):
+        lab = labelled_subset(seed + d, y_train, fraction, num_classes)
+        ft, fv, fp = normalise_features(f_train[lab], f_val, f_patched)
+        head, hv = train_linear(ft, y_train[lab], num_classes, cfg, seed=seed + d)
+        runs.append(backdoor_metrics(y_val, predict_linear(head, hv, fv), y_patched, predict_linear(head, hv, fp),
+                                     target, num_classes))
+    if draws == 1:
+        return runs[0]
+    out = {"label_draws": draws}
+    for k in runs[0]:
+        values = np.array([r[k] for r in runs], np.float64)
+        out[k], out[f"{k}_std"] = float(values.mean()), float(values.std())
+    return out
+
+
 def knn_predict(train_f, train_y, test_f, num_classes: int, k: int = 200, temperature: float = 0.1):
     """Weighted kNN on cosine similarity (weights exp(sim / T), as the instance-discrimination monitor)."""
     unit = lambda f: f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-12)

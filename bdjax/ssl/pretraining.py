@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (MoCo v2, BYOL, RotNet) on the training core: a method is a model, a core loss,
+"""Self-supervised pretraining (MoCo v2, BYOL, RotNet, Jigsaw) on the training core: a method is a model, a core loss,
 extra state and an after_update; `pretrain` runs it with core.data_step + train_loop (resumable, orbax),
 data-parallel over every device of the data mesh. The images carry no labels."""
 from __future__ import annotations
@@ -14,13 +14,13 @@ from jax import lax
 from bdjax.config import TrainConfig
 from bdjax.errors import ConfigError
 from bdjax.results import RunDir
-from bdjax.ssl import byol, moco, rotnet
+from bdjax.ssl import byol, jigsaw, moco, rotnet
 from bdjax.train import core
 from bdjax.train.loop import needs_step_sync, train_loop
 from bdjax.train.optim import make_optimizer
 from bdjax.train.sharding import batch_sharded, data_mesh, replicated
 
-METHODS = ("moco", "byol", "rotnet")
+METHODS = ("moco", "byol", "rotnet", "jigsaw")
 
 
 class Method(NamedTuple):
@@ -29,11 +29,13 @@ class Method(NamedTuple):
     init_extra: Callable  # (key, variables) -> extra
     after_update: Callable | None
     init_kwargs: dict
+    init_input: Callable | None = None  # image shape -> the model's initialisation input (default: one image)
 
 
 def build(method: str, backbone: nn.Module, method_cfg, *, batch_size: int, total_steps: int,
           n_devices: int = 1) -> Method:
-    """The pieces of one method; `backbone` is a bdjax model (for RotNet: with 4 outputs)."""
+    """The pieces of one method; `backbone` is a bdjax model (for RotNet: with 4 outputs; Jigsaw reads only its
+    penultimate features, of every tile)."""
     if method == "moco":
         cfg = method_cfg or moco.MocoConfig()
         cfg.validate(batch_size)
@@ -55,12 +57,19 @@ def build(method: str, backbone: nn.Module, method_cfg, *, batch_size: int, tota
         cfg = (method_cfg or rotnet.RotNetConfig()).validate()
         model = rotnet.RotNet(backbone)
         return Method(model, rotnet.loss_fn(model, cfg), lambda k, v: {}, None, {})
+    if method == "jigsaw":
+        cfg = (method_cfg or jigsaw.JigsawConfig()).validate()
+        model = jigsaw.JigsawNet(backbone, cfg.n_permutations, cfg.hidden)
+        orders = jnp.asarray(jigsaw.permutation_set(cfg.n_permutations, cfg.grid, cfg.permutation_seed))
+        return Method(model, jigsaw.loss_fn(model, cfg, orders), lambda k, v: {}, None, {},
+                      jigsaw.example_input(cfg))
     raise ConfigError(f"unknown ssl method {method!r}; expected one of {', '.join(METHODS)}")
 
 
 def init_state(m: Method, tx, key, image_shape) -> core.TrainState:
     k_init, k_extra = jax.random.split(key)
-    variables = m.model.init(k_init, jnp.zeros((1, *image_shape), jnp.float32), train=False, **m.init_kwargs)
+    x0 = m.init_input(image_shape) if m.init_input is not None else jnp.zeros((1, *image_shape), jnp.float32)
+    variables = m.model.init(k_init, x0, train=False, **m.init_kwargs)
     return core.TrainState.create(variables, tx, m.init_extra(k_extra, variables))
 
 
