@@ -9,8 +9,11 @@ and on patched validation images.
 
 Options: --method moco|byol|rotnet|jigsaw, --scale tiny|small|full, --out DIR, then `section.field=value` overrides
 (e.g. train.epochs=20 moco.queue_size=4096 poison.target=3). Rerunning resumes each pretraining from its
-checkpoint. OUT/<method>/summary.json has `rows` (method, model, fraction, clean_acc, clean_fp, patched_acc,
-patched_fp) and patched_fp_ratio (backdoored / clean FP on patched images); OUT/<method>/table.md the table.
+checkpoint; a rerun in the same --out with other pretraining settings stops with an error naming them, while the
+evaluation-only settings (linear.*, fractions, label_draws, knn_every) may change: the finished pretrainings are
+evaluated again (e.g. `label_draws=5`: every row the mean of 5 labelled subsets, with `*_std`).
+OUT/<method>/summary.json has `rows` (method, model, fraction, clean_acc, clean_fp, patched_acc, patched_fp) and
+patched_fp_ratio (backdoored / clean FP on patched images); OUT/<method>/table.md the table.
 
 full: the paper's recipes (ResNet-18; MoCo v2 lr 0.06 batch 256 queue 65536 m 0.999 T 0.2; BYOL Adam 2e-3, wd 1e-6,
 batch 512, tau 0.99; 200 epochs). small: a narrower ResNet-18 (widths 16-128, one block per stage) on 10000

@@ -112,15 +112,21 @@ def _setup(method, cfg, images, total=48, lr=0.1):
     return m, tx, state
 
 
-@pytest.mark.parametrize("method,cfg", [("moco", MOCO), ("byol", BYOL)])
-def test_a_few_steps_reduce_the_loss(images, method, cfg):
-    m, tx, state = _setup(method, cfg, images)
+def _run_steps(m, tx, state, images, n_steps):
+    """n_steps compiled pretraining steps over `images` in order; returns (state, the loss of every step)."""
     step = P.make_step(m, tx, batch_size=B, steps_per_epoch=N // B)
     task, data, perm = core.RunTask(jnp.int32(0)), (jnp.asarray(images),), jnp.arange(N)
     losses = []
-    for _ in range(48):
+    for _ in range(n_steps):
         state, metrics = step(state, task, perm, data)
         losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("method,cfg", [("moco", MOCO), ("byol", BYOL)])
+def test_a_few_steps_reduce_the_loss(images, method, cfg):
+    m, tx, state = _setup(method, cfg, images)
+    state, losses = _run_steps(m, tx, state, images, 48)
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < 0.9 * first, (first, last)
     assert int(state.step) == 48
@@ -258,12 +264,7 @@ def test_jigsaw_learns_the_permutation_of_positional_tiles():
     images = _position_images()
     cfg = jigsaw.JigsawConfig(grid=3, tile=4, n_permutations=8, hidden=32, gray_p=0.0, augment="none")
     m, tx, state = _setup("jigsaw", cfg, images, lr=0.05)
-    step = P.make_step(m, tx, batch_size=B, steps_per_epoch=N // B)
-    task, data, perm = core.RunTask(jnp.int32(0)), (jnp.asarray(images),), jnp.arange(N)
-    losses = []
-    for _ in range(48):
-        state, metrics = step(state, task, perm, data)
-        losses.append(float(metrics["loss"]))
+    state, losses = _run_steps(m, tx, state, images, 48)
     assert np.mean(losses[:4]) > 0.9 * np.log(8)  # chance at the start
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:4]), losses
     feats = m.model.apply(state.variables, jnp.asarray(images[:2], jnp.float32) / 255, method="features")
