@@ -129,7 +129,7 @@ def run(out: str, scale: str, n_pairs: int | None, seed: int, weights: str | Non
     from tqdm.auto import tqdm
 
     from bdjax.data import load_dataset
-    from bdjax.pipelines.htba import random_pairs, run_pair
+    from bdjax.pipelines.htba import check_rerun, random_pairs, run_pair
     from bdjax.results import RunDir
     from bdjax.train.loop import progress_enabled
 
@@ -149,8 +149,10 @@ def run(out: str, scale: str, n_pairs: int | None, seed: int, weights: str | Non
     pairs = random_pairs(ds.num_classes, n_pairs, seed, among=setting.holdout)
     if multi_source:
         pairs = [(None, t) for t in dict.fromkeys(t for _, t in pairs)]
-    run_dir.write_config({"experiment": "htba_cifar10", "scale": scale, "seed": seed, "pairs": pairs,
-                          "multi_source": multi_source, "setting": dataclasses.asdict(setting)})
+    config = {"experiment": "htba_cifar10", "scale": scale, "seed": seed, "pairs": pairs,
+              "multi_source": multi_source, "setting": dataclasses.asdict(setting)}
+    check_rerun(run_dir, config)
+    run_dir.write_config(config)
     rows, crafts = [], []
     for i, (s, t) in enumerate(tqdm(pairs, desc="htba pairs", disable=not progress_enabled())):
         res = run_pair(setting, ds, s, t, i, out_p, seed=seed + i, multi_source=multi_source)

@@ -44,7 +44,7 @@ def run(out: str, scale: str, htba_run: str | None, n_pairs: int | None, seed: i
 
     from bdjax.attacks import htba
     from bdjax.data import load_dataset
-    from bdjax.pipelines.htba import finetune_and_eval, pair_assets, random_pairs
+    from bdjax.pipelines.htba import check_rerun, finetune_and_eval, pair_assets, random_pairs
     from bdjax.results import RunDir, write_json
     from bdjax.train.loop import progress_enabled
 
@@ -57,8 +57,10 @@ def run(out: str, scale: str, htba_run: str | None, n_pairs: int | None, seed: i
     run_dir = RunDir(out_p)
     ds = load_dataset("cifar10")
     pairs = random_pairs(ds.num_classes, n_pairs, seed, among=setting.holdout)
-    run_dir.write_config({"experiment": "htba_vs_badnets", "scale": scale, "seed": seed, "pairs": pairs,
-                          "counts": list(counts), "htba_run": str(base)})
+    config = {"experiment": "htba_vs_badnets", "scale": scale, "seed": seed, "pairs": pairs,
+              "counts": list(counts), "htba_run": str(base)}
+    check_rerun(run_dir, config, free=("counts",))
+    run_dir.write_config(config)
     rows = []
     jobs = [(i, s, t, n, m) for i, (s, t) in enumerate(pairs) for n in counts for m in ("badnets", "htba")]
     assets = {}

@@ -88,3 +88,32 @@ def test_pair_images():
     _one_line(e)
     with pytest.raises(DataError, match="source class 7 has no images"):
         htba.pair_images(x, y, source_class=7, target_class=1)
+
+
+def test_a_rerun_refuses_pairs_made_with_other_settings(tmp_path):
+    from conftest import load_script
+    from bdjax.pipelines.htba import check_rerun
+    from bdjax.results import RunDir
+
+    setting, _ = load_script("experiments/htba_cifar10.py").setting_for("tiny")
+    config = lambda pairs=((5, 8), (3, 0)), **change: {
+        "experiment": "htba_cifar10", "scale": "tiny", "seed": 0, "pairs": list(pairs), "multi_source": False,
+        "setting": dataclasses.asdict(dataclasses.replace(setting, **change))}
+    run_dir = RunDir(tmp_path)
+    check_rerun(run_dir, config())  # a new folder
+    run_dir.write_config(config())
+    check_rerun(run_dir, config(craft_optimizer="adam"))  # nothing made yet: nothing reused
+    (tmp_path / "pairs" / "5_8").mkdir(parents=True)
+    check_rerun(run_dir, config())
+    check_rerun(run_dir, config(pairs=((5, 8),)))  # fewer pairs of the same sequence
+    check_rerun(run_dir, config(pairs=((5, 8), (3, 0), (8, 0))))  # more
+    with pytest.raises(ConfigError) as e:
+        check_rerun(run_dir, config(craft_optimizer="adam"))
+    assert "made with other settings (setting.craft_optimizer)" in _one_line(e)
+    with pytest.raises(ConfigError, match=r"other settings \(pairs\)"):
+        check_rerun(run_dir, config(pairs=((3, 0), (5, 8))))
+    # htba_vs_badnets: one folder per poison count, so the counts may change; its other settings may not
+    run_dir.write_config({**config(), "counts": [50, 100]})
+    check_rerun(run_dir, {**config(), "counts": [400]}, free=("counts",))
+    with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
+        check_rerun(run_dir, {**config(), "counts": [50], "seed": 1}, free=("counts",))

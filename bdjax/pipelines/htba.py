@@ -78,6 +78,28 @@ def trigger_for(setting: HTBASetting, index: int, channels: int = 3) -> T.Trigge
     return T.from_image(path, size=setting.trigger_size, channels=channels)
 
 
+def check_rerun(run_dir, config: dict, free: tuple[str, ...] = ()) -> None:
+    """Refuse an output folder whose finished pairs, poisons or feature net other settings made: they are reused
+    as they are, so the rows would carry the old settings under the new config.json. The `free` top-level fields
+    may change (e.g. htba_vs_badnets' counts: one folder per count), and the pair list may grow or shrink (pairs
+    are one seeded sequence: a prefix keeps its pairs, indices and seeds)."""
+    from bdjax.config import changed_fields, saved_form
+
+    previous = run_dir.read_config()
+    made = [d for d in ("pairs", "pretrain") if any((run_dir.path / d).glob("*"))]
+    if previous is None or not made:
+        return
+    old_pairs, new_pairs = saved_form(previous.get("pairs", [])), saved_form(config["pairs"])
+    n = min(len(old_pairs), len(new_pairs))
+    ignore = {k: None for k in ("pairs", *free)}
+    changed = changed_fields({**previous, **ignore}, {**config, **ignore})
+    if old_pairs[:n] != new_pairs[:n]:
+        changed.insert(0, "pairs")
+    if changed:
+        raise ConfigError(f"{run_dir.path} holds {' and '.join(made)} made with other settings "
+                          f"({', '.join(changed[:6])}); use another --out, or delete that folder to run again")
+
+
 def random_pairs(num_classes: int, n: int, seed: int, among=None) -> list[tuple[int, int]]:
     """n distinct (source, target) pairs of distinct classes (of `among`, default all), a seeded draw."""
     among = list(range(num_classes)) if among is None else [int(c) for c in among]
