@@ -169,6 +169,7 @@ def test_a_rerun_refuses_checkpoints_of_other_pretraining_settings(tmp_path):
     E.check_resumable(out, cfg)
     # evaluation-only settings reuse the pretrainings
     E.check_resumable(out, apply_overrides(cfg, ["linear.epochs=7", "label_draws=5", "fractions=[0.1]", "knn_every=2"]))
+    E.check_resumable(out, apply_overrides(cfg, ["byol.tau_base=0.9", "jigsaw.tile=6"]))  # another method's section
     for changed, named in ((["train.epochs=5"], "train.epochs"),
                            (["poison.trigger_size=12", "seed=3"], "poison.trigger_size, seed"),
                            (["moco.augment.blur_p=0"], "moco.augment.blur_p")):

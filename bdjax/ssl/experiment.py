@@ -73,7 +73,8 @@ def check_resumable(out: RunDir, cfg: SSLExperimentConfig) -> None:
     made = [m for m in MODELS if any((out.path / m / "checkpoints").glob("*"))]
     if previous is None or not made:
         return
-    changed = [f for f in changed_fields(previous, cfg) if f.split(".")[0] not in EVALUATION_ONLY]
+    other_methods = set(METHODS) - {cfg.method}  # their sections do not touch this method's pretraining
+    changed = [f for f in changed_fields(previous, cfg) if f.split(".")[0] not in {*EVALUATION_ONLY, *other_methods}]
     if changed:
         raise ConfigError(f"{out.path} holds {' and '.join(made)} pretraining checkpoints made with other settings "
                           f"({', '.join(changed[:6])}); use another --out, or delete that folder to pretrain again")
@@ -140,9 +141,9 @@ def table(rows) -> str:
     head = ("| Method | labels | Clean model: clean Acc | FP | patched Acc | FP | Backdoored model: clean Acc | FP "
             "| patched Acc | FP |\n|" + "---|" * 10 + "\n")
     lines = []
+    fp = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # a mean over label draws, or a count
     for frac in sorted({r["fraction"] for r in rows}):
         by = {r["model"]: r for r in rows if r["fraction"] == frac}
-        fp = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # a mean over label draws, or a count
         cells = [f"{by[m]['clean_acc'] * 100:.1f} | {fp(by[m]['clean_fp'])} | {by[m]['patched_acc'] * 100:.1f} | "
                  f"{fp(by[m]['patched_fp'])}" for m in MODELS]
         lines.append(f"| {rows[0]['method']} | {frac:g} | {cells[0]} | {cells[1]} |")
