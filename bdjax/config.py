@@ -201,16 +201,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def changed_fields(saved: dict, cfg) -> list[str]:
-    """The dotted names of the fields whose value in a saved config (JSON) differs from `cfg`'s; fields added to
-    bdjax since it was saved count as their defaults, as in matches_saved."""
+def changed_fields(saved: dict, cfg, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted names of the fields whose value in a saved config (JSON) differs from `cfg`'s, leaving out the
+    top-level sections or fields named in `ignore`; fields added to bdjax since it was saved count as their
+    defaults, as in matches_saved."""
     if dataclasses.is_dataclass(cfg):
         try:
             saved = saved_form(from_dict(type(cfg), saved))
         except (ConfigError, TypeError):
             pass  # a field since removed or renamed: compare what is there
     old, new = flatten(saved), flatten(saved_form(cfg))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k.split(".")[0] not in ignore)
 
 
 def _upgrade(cls, d: dict) -> dict:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from bdjax import triggers as T
-from bdjax.config import TrainConfig
+from bdjax.config import TrainConfig, changed_fields, saved_form
 from bdjax.errors import ConfigError
 
 TRIGGER_DIR = Path("/work/shared/triggers/htba")
@@ -83,16 +83,13 @@ def check_rerun(run_dir, config: dict, free: tuple[str, ...] = ()) -> None:
     as they are, so the rows would carry the old settings under the new config.json. The `free` top-level fields
     may change (e.g. htba_vs_badnets' counts: one folder per count), and the pair list may grow or shrink (pairs
     are one seeded sequence: a prefix keeps its pairs, indices and seeds)."""
-    from bdjax.config import changed_fields, saved_form
-
     previous = run_dir.read_config()
     made = [d for d in ("pairs", "pretrain") if any((run_dir.path / d).glob("*"))]
     if previous is None or not made:
         return
     old_pairs, new_pairs = saved_form(previous.get("pairs", [])), saved_form(config["pairs"])
     n = min(len(old_pairs), len(new_pairs))
-    ignore = {k: None for k in ("pairs", *free)}
-    changed = changed_fields({**previous, **ignore}, {**config, **ignore})
+    changed = changed_fields(previous, config, ignore=("pairs", *free))
     if old_pairs[:n] != new_pairs[:n]:
         changed.insert(0, "pairs")
     if changed:

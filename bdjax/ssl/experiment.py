@@ -73,8 +73,8 @@ def check_resumable(out: RunDir, cfg: SSLExperimentConfig) -> None:
     made = [m for m in MODELS if any((out.path / m / "checkpoints").glob("*"))]
     if previous is None or not made:
         return
-    other_methods = set(METHODS) - {cfg.method}  # their sections do not touch this method's pretraining
-    changed = [f for f in changed_fields(previous, cfg) if f.split(".")[0] not in {*EVALUATION_ONLY, *other_methods}]
+    other_methods = tuple(m for m in METHODS if m != cfg.method)  # their sections do not touch this pretraining
+    changed = changed_fields(previous, cfg, ignore=EVALUATION_ONLY + other_methods)
     if changed:
         raise ConfigError(f"{out.path} holds {' and '.join(made)} pretraining checkpoints made with other settings "
                           f"({', '.join(changed[:6])}); use another --out, or delete that folder to pretrain again")

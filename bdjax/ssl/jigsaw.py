@@ -12,10 +12,10 @@ low-level statistics shortcut).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
-import dm_pix as pix
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from bdjax.errors import ConfigError
+from bdjax.ssl.augment import grayscale
 from bdjax.train.augment import augment
 
 ALL_CANDIDATES_UP_TO = math.factorial(9)  # grid 3: search all 9! orders; larger grids draw random candidates
@@ -67,6 +68,13 @@ def permutation_set(n: int, grid: int = 3, seed: int = 0) -> np.ndarray:
     any two (Noroozi and Favaro's maximal-Hamming selection): start from a seeded random order, then repeatedly
     add the candidate farthest from every order chosen so far. Candidates: all orders for grids up to 3x3, else
     100000 seeded random ones. Written here: no library ships this selection."""
+    return _permutation_set(n, grid, seed).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation_set(n: int, grid: int, seed: int) -> np.ndarray:
+    """The selection itself, cached: a 3x3 grid searches all 9! orders (about a second for 100), and the clean
+    and the backdoored pretraining of one experiment build the same set."""
     k = grid * grid
     rng = np.random.default_rng(seed)
     if math.factorial(k) <= ALL_CANDIDATES_UP_TO:
@@ -102,7 +110,7 @@ def shuffled_tiles(key, x: jax.Array, orders: jax.Array, cfg: JigsawConfig) -> j
     b, h, w, c = x.shape
     if c == 3 and cfg.gray_p > 0:
         gray = jax.random.uniform(k_gray, (b,)) < cfg.gray_p
-        x = jnp.where(gray[:, None, None, None], pix.rgb_to_grayscale(x, keep_dims=True) * jnp.ones_like(x), x)
+        x = jnp.where(gray[:, None, None, None], grayscale(x), x)
     k = cfg.grid * cfg.grid
     room = jnp.array([h // cfg.grid - cfg.tile, w // cfg.grid - cfg.tile])
     offsets = jnp.floor(jax.random.uniform(k_off, (b, k, 2)) * (room + 1)).astype(jnp.int32)
